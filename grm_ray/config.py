@@ -1,0 +1,126 @@
+"""The one typed config of a scoring job: defaults live here, a YAML file and CLI options override them.
+
+Keys are the long option names with dashes as underscores (`--k-meta` -> `k_meta`). Unknown keys and
+bad values are rejected with a message naming the key.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SECRET_KEYS = ("token",)  # never written to _job.json, metadata or logs
+
+
+class ConfigError(ValueError):
+    """A config file or option that cannot be used; the message names the key."""
+
+
+def _pool(value: Any) -> tuple[int, int]:
+    """'2' -> (2, 2); '1,4' -> (1, 4); [1, 4] -> (1, 4)."""
+    if isinstance(value, int):
+        parts = [value]
+    elif isinstance(value, str):
+        parts = [int(p) for p in value.split(",")]
+    else:
+        parts = [int(p) for p in value]
+    lo, hi = (parts[0], parts[0]) if len(parts) == 1 else parts
+    if not 1 <= lo <= hi:
+        raise ValueError(f"pool size must be MIN or MIN,MAX with 1 <= MIN <= MAX, got {value!r}")
+    return lo, hi
+
+
+class JobConfig(BaseModel):
+    """Everything one `grm-ray score` run needs; saved resolved beside the output."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    input: str = Field("", description="Parquet file, directory, glob or s3:// URI of preference rows.")
+    output: str = Field("", description="Directory or s3:// URI for the scored Parquet shards.")
+    input_format: Literal["auto", "responses", "dpo", "hh"] = Field(
+        "auto", description="Input layout; auto detects it from each file's columns.")
+    max_responses: int = Field(16, ge=1, description="Rows with more responses than this get a row error.")
+    # GRM sampling
+    model: str = Field("BBQGOD/DeepSeek-GRM-27B", description="GRM model name or local path.")
+    k: int = Field(8, ge=1, description="GRM samples per item (voting@k).")
+    temperature: float = Field(0.5, ge=0, description="Sampling temperature (the paper votes at 0.5).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_tokens: int = Field(1024, ge=8, description="Token budget of one GRM sample.")
+    max_model_len: Optional[int] = Field(None, ge=64, description="Context length; default the model's own.")
+    seed: int = Field(0, description="Seed for sampling and tie-breaks; a rerun with the same seed repeats.")
+    structured: bool = Field(False, description="Constrain output so it always ends in a parseable score box.")
+    adaptive: Literal["off", "exact", "confident"] = Field(
+        "off", description="Sample in rounds and stop items early: exact never changes the winner.")
+    risk: float = Field(0.01, gt=0, lt=1, description="For adaptive=confident: allowed chance of a changed winner.")
+    hint: bool = Field(False, description="Append 'The best response is: Response X' from the label (RFT data).")
+    chat_fallback: Literal["plain", "gemma"] = Field(
+        "plain", description="How to render prompts for a model without a chat template.")
+    # meta RM
+    meta_mode: Literal["none", "classifier", "judge"] = Field(
+        "none", description="classifier: a sequence-classification meta RM; judge: yes/no logprobs.")
+    meta_model: Optional[str] = Field(None, description="Meta RM model name or path (default: the GRM for judge).")
+    k_meta: Optional[int] = Field(None, ge=1, description="Samples that vote after meta rating; default k/2.")
+    # resources
+    grm_actors: tuple[int, int] = Field((1, 1), description="GRM actor pool size, MIN or MIN,MAX (autoscales).")
+    meta_actors: tuple[int, int] = Field((1, 1), description="Meta RM actor pool size, MIN or MIN,MAX.")
+    gpus_per_actor: Optional[float] = Field(
+        None, ge=0, description="GPUs per engine actor (>1 = tensor parallel); default 1 with GPUs, else 0.")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per engine actor.")
+    gpu_memory_utilization: Optional[float] = Field(
+        None, gt=0, le=1, description="vLLM memory share (of CPU memory on CPU); default 0.9 GPU / 0.3 CPU.")
+    batch_size: int = Field(16, ge=1, description="Items per engine call; larger keeps GPUs busier.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+    # run
+    overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")
+    ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
+    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+
+    @field_validator("grm_actors", "meta_actors", mode="before")
+    @classmethod
+    def _parse_pool(cls, v: Any) -> tuple[int, int]:
+        return _pool(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "JobConfig":
+        if self.k_meta is not None and self.k_meta > self.k:
+            raise ValueError(f"k_meta ({self.k_meta}) cannot exceed k ({self.k})")
+        if self.meta_mode == "classifier" and not self.meta_model:
+            raise ValueError("meta_mode=classifier needs meta_model (a sequence-classification model)")
+        return self
+
+    @property
+    def voting_k_meta(self) -> int | None:
+        """How many samples vote after meta rating; None = all valid ones (plain voting)."""
+        if self.meta_mode == "none":
+            return None
+        return self.k_meta or max(1, self.k // 2)
+
+    def public(self) -> dict[str, Any]:
+        """The resolved config as JSON-safe data, for _job.json and Parquet metadata."""
+        return json.loads(self.model_dump_json())
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
+    """Config file (YAML) first, then overrides that are not None; errors name the key."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option: value")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return JobConfig(**data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            msgs.append(f"{key}: {err['msg']}" + (" (unknown key)" if err["type"] == "extra_forbidden" else ""))
+        src = f" in {path}" if path else ""
+        raise ConfigError(f"invalid job config{src}: " + "; ".join(msgs)) from None

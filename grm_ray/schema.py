@@ -1,0 +1,170 @@
+"""Input formats -> one internal row shape, and the output Arrow schema.
+
+Internal row: {id, source, messages: [{role, content}], responses: [str], label: int | None, error}.
+Every failure names the field; the caller adds the file and row (`source`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+# Column names the job adds to the input columns, each with its meaning.
+ID = "id"                    # the input's `id`, or "<file>#<row>" when it has none
+SOURCE = "source"            # "<file>#<row>": where the row came from; the resume key
+MESSAGES = "messages"        # the conversation as chat messages; the last user turn is the query
+RESPONSES = "responses"      # the candidate responses, in input order
+LABEL = "label"              # index of the labelled best response; for one response 1 = good, 0 = bad
+REWARDS = "rewards"          # mean kept score per response, 1..10
+VOTE_TOTALS = "vote_totals"  # sum of kept scores per response
+BEST_INDEX = "best_index"    # argmax of vote_totals, ties broken by a seeded RNG
+MARGIN = "margin"            # best reward minus the best other reward
+TIE = "tie"                  # whether the top total was shared
+N_SAMPLES = "n_samples"      # samples drawn (fewer than k when adaptive stopping saved some)
+N_VALID = "n_valid"          # samples whose scores parsed
+N_KEPT = "n_kept"            # samples that voted (top k_meta by meta score, or all valid)
+SAMPLES = "samples"          # every sample with its critique text: the audit trail
+ERROR = "error"              # why the row has no scores; null when fine
+
+FORMATS = ("responses", "dpo", "hh")
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SAMPLE_TYPE = pa.struct([
+    ("order", pa.list_(pa.int32())),       # original indices, in the order shown to the GRM
+    ("text", pa.string()),                 # the GRM's generated principles, critique and scores
+    ("scores", pa.list_(pa.int32())),      # in ORIGINAL response order; null when invalid
+    ("valid", pa.bool_()),
+    ("meta_score", pa.float64()),          # meta-RM rating of this sample; null without a meta RM
+    ("kept", pa.bool_()),                  # whether this sample voted
+    ("repaired", pa.bool_()),              # cut at max_tokens, finished by a constrained continuation
+    ("hinted", pa.bool_()),                # the prompt named the labelled best response
+    ("n_tokens", pa.int32()),              # generated tokens
+])
+
+NORMALIZED = pa.schema([
+    (ID, pa.string()), (SOURCE, pa.string()), (MESSAGES, pa.list_(MESSAGE_TYPE)),
+    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()),
+])
+SAMPLED = pa.schema([(SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string())])
+VOTED = pa.schema([
+    (REWARDS, pa.list_(pa.float64())), (VOTE_TOTALS, pa.list_(pa.float64())), (BEST_INDEX, pa.int64()),
+    (MARGIN, pa.float64()), (TIE, pa.bool_()), (N_SAMPLES, pa.int64()), (N_VALID, pa.int64()),
+    (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
+])
+OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names)]
+
+
+class RowError(ValueError):
+    """A row that cannot be scored; the message names the field."""
+
+
+def detect_format(columns: Iterable[str]) -> str:
+    """Pick the input format from column names; raises ValueError saying what is missing."""
+    cols = set(columns)
+    if RESPONSES in cols and ({"prompt", MESSAGES} & cols):
+        return "responses"
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "dpo"
+    if {"chosen", "rejected"} <= cols:
+        return "hh"
+    raise ValueError(
+        f"cannot tell the input format from columns {sorted(cols)}: need `prompt` or `messages` with "
+        "`responses`; or `prompt`, `chosen` and `rejected`; or HH-RLHF `chosen` and `rejected` transcripts"
+    )
+
+
+def required_columns(fmt: str) -> list[str]:
+    return {"responses": [RESPONSES], "dpo": ["prompt", "chosen", "rejected"], "hh": ["chosen", "rejected"]}[fmt]
+
+
+def _text(value: Any, field: str, allow_empty: bool = False) -> str:
+    if value is None:
+        raise RowError(f"field '{field}' is null")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowError(f"field '{field}' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not isinstance(value, str):
+        raise RowError(f"field '{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowError(f"field '{field}' is empty")
+    return value
+
+
+def _messages(value: Any, field: str) -> list[dict[str, str]]:
+    if isinstance(value, str) or value is None:
+        return [{"role": "user", "content": _text(value, field)}]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise RowError(f"field '{field}' must be a string or a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"field '{field}[{i}]' must be a {{role, content}} mapping")
+        role = _text(m["role"], f"{field}[{i}].role")
+        if role not in ("system", "user", "assistant"):
+            raise RowError(f"field '{field}[{i}].role' is {role!r}; expected system, user or assistant")
+        out.append({"role": role, "content": _text(m["content"], f"{field}[{i}].content", allow_empty=True)})
+    if out[-1]["role"] != "user":
+        raise RowError(f"field '{field}' must end with a user turn (the query); it ends with {out[-1]['role']}")
+    return out
+
+
+def _reply(value: Any, field: str) -> str:
+    """A DPO `chosen`/`rejected`: a string, or a conversational list whose last message is the reply."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], dict):
+        return _text(value[-1].get("content"), f"{field}[-1].content", allow_empty=True)
+    return _text(value, field, allow_empty=True)
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def parse_transcript(text: str, field: str) -> list[dict[str, str]]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: yo' -> [{user, hi}, {assistant, yo}]."""
+    parts = _TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError(f"field '{field}' is not an HH-RLHF transcript (expected '\\n\\nHuman: ...' turns)")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+
+
+def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, Any]:
+    """One input row -> {messages, responses, label}; raises RowError naming the bad field.
+
+    >>> normalize({"prompt": "hi", "chosen": "a", "rejected": "b"}, "dpo", 16)["responses"]
+    ['a', 'b']
+    """
+    label = None
+    if fmt == "responses":
+        messages = _messages(row.get(MESSAGES) if row.get(MESSAGES) is not None else row.get("prompt"),
+                             MESSAGES if row.get(MESSAGES) is not None else "prompt")
+        raw = row.get(RESPONSES)
+        if raw is None or isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)):
+            raise RowError(f"field 'responses' must be a list of strings, got "
+                           f"{'null' if raw is None else type(raw).__name__}")
+        if not raw:
+            raise RowError("field 'responses' is empty")
+        responses = [_text(r, f"responses[{i}]", allow_empty=True) for i, r in enumerate(raw)]
+        label = row.get(LABEL)
+        top = max(1, len(responses) - 1)  # a single response carries a 0/1 (bad/good) label
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= top):
+            raise RowError(f"field 'label' must be an integer in 0..{top}, got {label!r}")
+    elif fmt == "dpo":
+        messages = _messages(row.get("prompt"), "prompt")
+        responses, label = [_reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected")], 0
+    elif fmt == "hh":
+        chosen = parse_transcript(_text(row.get("chosen"), "chosen"), "chosen")
+        rejected = parse_transcript(_text(row.get("rejected"), "rejected"), "rejected")
+        for name, turns in (("chosen", chosen), ("rejected", rejected)):
+            if turns[-1]["role"] != "assistant" or len(turns) < 2:
+                raise RowError(f"field '{name}' has no final assistant turn after a human turn")
+        if chosen[:-1] != rejected[:-1]:
+            raise RowError("fields 'chosen' and 'rejected' differ before their final assistant turns")
+        messages, responses, label = chosen[:-1], [chosen[-1]["content"], rejected[-1]["content"]], 0
+    else:
+        raise ValueError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
+    if len(responses) > max_responses:
+        raise RowError(f"field 'responses' has {len(responses)} responses, above max_responses={max_responses}")
+    return {MESSAGES: messages, RESPONSES: responses, LABEL: label}
