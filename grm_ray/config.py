@@ -72,6 +72,7 @@ class JobConfig(BaseModel):
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="vLLM memory share (of CPU memory on CPU); default 0.9 GPU / 0.3 CPU.")
     batch_size: int = Field(16, ge=1, description="Items per engine call; larger keeps GPUs busier.")
+    rows_per_file: int = Field(1000, ge=1, description="Rows per committed output part (the resume granularity).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
     # run
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")

