@@ -1,0 +1,13 @@
+"""grm-ray: reward labels from a generative reward model with inference-time scaling, on Ray + vLLM.
+
+The notebook API is pure Python (no Ray, no vLLM):
+    render_grm_prompt(conversation, responses) -> the GRM user message
+    parse_scores(text, n)                      -> n ints in 1..10, or None
+    vote(samples, k_meta=None, seed=0)         -> rewards, vote_totals, best_index, margin, tie, counts
+"""
+from .parsing import parse_scores
+from .prompts import render_grm_prompt
+from .voting import vote
+
+__all__ = ["parse_scores", "render_grm_prompt", "vote"]
+__version__ = "0.1.0"

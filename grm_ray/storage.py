@@ -76,6 +76,7 @@ def write_part(fs: fsspec.AbstractFileSystem, out_dir: str, table: pa.Table,
 
 
 def committed_parts(fs: fsspec.AbstractFileSystem, out_dir: str) -> list[str]:
+    fs.invalidate_cache(out_dir)  # s3fs caches listings; parts are written by other processes
     if not fs.exists(out_dir):
         return []
     return sorted(p for p in fs.ls(out_dir, detail=False)
