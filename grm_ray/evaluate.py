@@ -190,6 +190,8 @@ def scaling_curves(table: pa.Table, ks: Sequence[int] | None = None, seeds: int 
     if ks is None:
         ks = [2**p for p in range(k_max.bit_length())] + ([k_max] if k_max & (k_max - 1) else [])
     ks = sorted(ks)
+    if seeds < 1 or any(j < 1 for j in ks):
+        raise ValueError(f"need seeds >= 1 and every j >= 1; got seeds={seeds}, ks={ks}")
     methods = {"voting": lambda j: None}
     if any(s["meta_score"] is not None for samples, _ in items for s in samples):
         methods["metarm"] = lambda j: max(1, j // 2)
@@ -207,6 +209,9 @@ def scaling_curves(table: pa.Table, ks: Sequence[int] | None = None, seeds: int 
                         for m, a in acc.items()}}
 
 
+METHOD_NAMES = {"voting": "Voting", "metarm": "MetaRM"}
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -222,6 +227,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as text; figures in percent, the curves as a table."""
     r, pb = report, report["position_bias"]
     lines = [
+        "Figures in percent (AUC x 100).",
         f"Rows {r['rows']}: errors {r['errors']} (excluded), unlabelled {r['unlabelled']}, "
         f"labelled without a valid sample {r['unscored']} (counted wrong)",
         _acc_line("Pairwise (n=2)", r["pairwise"]),
@@ -229,8 +235,8 @@ def format_report(report: dict[str, Any]) -> str:
         "ROC-AUC (n=1): " + (f"{r['auc']['n']} rows ({r['auc']['positives']} good), AUC {_pct(r['auc']['auc'])}"
                              if r["auc"] else "no rows"),
         f"Invalid samples: {r['invalid']} of {r['samples']} ({_pct(r['invalid_share'])})",
-        f"Position bias: the response shown first scored strictly highest in {_pct(pb['first_wins'])} of "
-        f"{pb['samples']} valid samples (no bias: {_pct(pb['no_bias'])}; top tied in {_pct(pb['tied_top'])})",
+        f"Position bias: over {pb['samples']} valid samples, the response shown first scored strictly highest in "
+        f"{_pct(pb['first_wins'])} (no bias: {_pct(pb['no_bias'])}; top tied: {_pct(pb['tied_top'])})",
     ]
     if r["subsets"]:
         lines.append("Subsets (score = random tie-break accuracy, or AUC for single responses):")
@@ -238,15 +244,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"  {name:<{width}}  {e['n']:>6}  {_pct(e['score'])}" for name, e in r["subsets"].items()]
     if r["sections"]:
         secs = ", ".join(f"{s} {_pct(v)}" for s, v in r["sections"].items())
-        lines.append(f"Reward Bench: {secs}; score {_pct(r['reward_bench'])}")
+        score = _pct(r["reward_bench"]) if r["reward_bench"] is not None else "n/a (needs all four sections)"
+        lines.append(f"Reward Bench: {secs}; score {score}")
     c = r["curves"]
     if c["items"]:
         lines.append(f"Scaling from stored samples ({c['items']} items, mean ± std over {c['seeds']} seeds, "
                      "random tie-break as expectation):")
-        lines.append("  " + f"{'j':>4}" + "".join(f"  {m + '@j':>15}" for m in c["methods"]))
+        lines.append((f"  {'j':>4}" + "".join(f"  {METHOD_NAMES.get(m, m) + '@j':>8}{'':8}"
+                                             for m in c["methods"])).rstrip())
         for i, j in enumerate(c["ks"]):
-            cells = "".join(f"  {_pct(v['mean'][i]):>7} ± {_pct(v['std'][i]):<5}" for v in c["methods"].values())
-            lines.append(f"  {j:>4}{cells}")
+            cells = "".join(f"  {_pct(v['mean'][i]):>8} ± {_pct(v['std'][i]):<5}" for v in c["methods"].values())
+            lines.append(f"  {j:>4}{cells}".rstrip())
     return "\n".join(lines)
 
 
@@ -262,14 +270,13 @@ def plot_curves(report: dict[str, Any], path: str) -> None:
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    names = {"voting": "Voting@j", "metarm": "MetaRM@j (k_meta = j/2)"}
     for m, v in curves["methods"].items():
         ax.errorbar(curves["ks"], [100 * x for x in v["mean"]], yerr=[100 * x for x in v["std"]],
-                    marker="o", capsize=3, label=names.get(m, m))
+                    marker="o", capsize=3, label=f"{METHOD_NAMES.get(m, m)}@j")
     ax.set_xscale("log", base=2)
     ax.set_xticks(curves["ks"], [str(j) for j in curves["ks"]])
     ax.set_xlabel("samples per item (j)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"accuracy (%), mean ± std over {curves['seeds']} seeds")
     ax.set_title(f"Inference-time scaling from stored samples ({curves['items']} items)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 
@@ -132,10 +132,11 @@ class GRMSampler:
             return self.cfg.k
         return min(self.cfg.k, n)
 
+    def _hinted(self, row: Row) -> bool:
+        return self.cfg.hint and row[LABEL] is not None and len(row[RESPONSES]) > 1
+
     def _prompt(self, row: Row, order: list[int]) -> str:
-        hint = None
-        if self.cfg.hint and row[LABEL] is not None and len(row[RESPONSES]) > 1:
-            hint = order.index(row[LABEL])
+        hint = order.index(row[LABEL]) if self._hinted(row) else None
         text = prompts.render_grm_prompt(row[MESSAGES], [row[RESPONSES][j] for j in order], hint=hint)
         return self.engine.render(text)
 
@@ -158,7 +159,7 @@ class GRMSampler:
             n = len(order)
             for g in samples:
                 s = {"order": order, "text": g.text, "scores": None, "valid": False, "meta_score": None,
-                     "kept": False, "repaired": False, "hinted": self.cfg.hint and rows[i][LABEL] is not None,
+                     "kept": False, "repaired": False, "hinted": self._hinted(rows[i]),
                      "n_tokens": g.n_tokens}
                 shown = parse_scores(g.text, n)
                 if shown is not None:
@@ -243,5 +244,3 @@ class Vote:
                      f"with {len(row[RESPONSES])} scores (try --structured or a larger --max-tokens)")
         return {**result, SAMPLES: samples, ERROR: error}
 
-
-STAGES: dict[str, Callable[..., Any]] = {"grm": GRMSampler, "meta": MetaScorer, "vote": Vote}
