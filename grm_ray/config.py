@@ -12,8 +12,6 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SECRET_KEYS = ("token",)  # never written to _job.json, metadata or logs
-
 
 class ConfigError(ValueError):
     """A config file or option that cannot be used; the message names the key."""
@@ -25,8 +23,12 @@ def _pool(value: Any) -> tuple[int, int]:
         parts = [value]
     elif isinstance(value, str):
         parts = [int(p) for p in value.split(",")]
-    else:
+    elif isinstance(value, (list, tuple)):
         parts = [int(p) for p in value]
+    else:
+        raise ValueError(f"pool size must be MIN or MIN,MAX, got {value!r}")
+    if len(parts) not in (1, 2):
+        raise ValueError(f"pool size must be MIN or MIN,MAX, got {value!r}")
     lo, hi = (parts[0], parts[0]) if len(parts) == 1 else parts
     if not 1 <= lo <= hi:
         raise ValueError(f"pool size must be MIN or MIN,MAX with 1 <= MIN <= MAX, got {value!r}")

@@ -8,26 +8,27 @@ from __future__ import annotations
 import math
 import re
 
-_BOX = "\\boxed{"
+_BRACES = re.compile(r"\\boxed\{|[{}]")
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 
 
 def last_box(text: str) -> str | None:
     """Contents of the last complete \\boxed{...}, braces balanced; None when there is none.
 
+    One pass with a stack, so degenerate output (thousands of unclosed boxes) stays linear.
     >>> last_box("a \\\\boxed{1, 2} b \\\\boxed{7, 3}")
     '7, 3'
     """
-    start = text.rfind(_BOX)
-    while start != -1:
-        depth, i = 1, start + len(_BOX)
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len(_BOX) : i - 1]
-        start = text.rfind(_BOX, 0, start)  # unclosed (cut-off) box: fall back to the one before
-    return None
+    best, stack = None, []  # stack: content start of an open box, or -1 for a plain "{"
+    for m in _BRACES.finditer(text):
+        if m.group() == "}":
+            if stack:
+                start = stack.pop()
+                if start >= 0 and (best is None or start > best[0]):
+                    best = (start, m.start())
+        else:
+            stack.append(m.end() if m.group() != "{" else -1)
+    return None if best is None else text[best[0] : best[1]]
 
 
 def parse_scores(text: str, n: int) -> list[int] | None:

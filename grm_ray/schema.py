@@ -94,7 +94,7 @@ def _text(value: Any, field: str, allow_empty: bool = False) -> str:
 
 
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
-    if isinstance(value, str) or value is None:
+    if isinstance(value, (str, bytes)) or value is None:
         return [{"role": "user", "content": _text(value, field)}]
     if not isinstance(value, (list, tuple)) or not value:
         raise RowError(f"field '{field}' must be a string or a non-empty list of {{role, content}} messages")
@@ -158,7 +158,7 @@ def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, An
         chosen = parse_transcript(_text(row.get("chosen"), "chosen"), "chosen")
         rejected = parse_transcript(_text(row.get("rejected"), "rejected"), "rejected")
         for name, turns in (("chosen", chosen), ("rejected", rejected)):
-            if turns[-1]["role"] != "assistant" or len(turns) < 2:
+            if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
                 raise RowError(f"field '{name}' has no final assistant turn after a human turn")
         if chosen[:-1] != rejected[:-1]:
             raise RowError("fields 'chosen' and 'rejected' differ before their final assistant turns")
