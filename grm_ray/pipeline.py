@@ -198,15 +198,18 @@ def _engine_resources(cfg: JobConfig) -> dict[str, float]:
     return {"num_gpus": gpus, "num_cpus": cfg.cpus_per_actor}
 
 
-def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str]):
-    """The Ray Data pipeline; nothing runs until it is consumed."""
+def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_stage: type = GRMSampler):
+    """The Ray Data pipeline; nothing runs until it is consumed.
+
+    `grm_stage` is for measurements of the streaming machinery alone (bench/, memory bounds).
+    """
     import ray
 
     res = _engine_resources(cfg)
     ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
-    ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": GRMSampler, "cfg": cfg},
+    ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": grm_stage, "cfg": cfg},
                         batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.grm_actors,
                         max_restarts=-1, max_task_retries=-1, **res)
     if cfg.meta_mode != "none":

@@ -21,7 +21,6 @@ from .schema import (ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED,
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
-REPAIR_RESERVE = 48  # tokens kept free after max_tokens for the constrained score continuation
 
 
 def apply(stage: Any, table: pa.Table) -> pa.Table:
@@ -142,14 +141,14 @@ class GRMSampler:
 
     def _check_lengths(self, requests: list, out: list[Row]) -> set[int]:
         """Rows whose prompt would not fit the context get an error instead of sinking the batch."""
-        limit = self.engine.max_prompt_tokens - REPAIR_RESERVE
+        limit = self.engine.max_prompt_tokens
         bad: set[int] = set()
         for (i, _, _, _), n_tok in zip(requests, self.engine.count_tokens([q[3] for q in requests])):
             if n_tok > limit and i not in bad:
                 bad.add(i)
                 out[i][SAMPLES] = None
                 out[i][ERROR] = (f"prompt is {n_tok} tokens, above the {limit} that fit the model context "
-                                 f"(max_model_len - max_tokens - {REPAIR_RESERVE}); raise max_model_len "
+                                 "(max_model_len - max_tokens - repair room); raise max_model_len "
                                  "or shorten the conversation")
         return bad
 
