@@ -49,12 +49,10 @@ def hh_table() -> pa.Table:
 
 
 @pytest.fixture
-def tiny_cfg(tiny_models, tmp_path):
-    """A JobConfig on the tiny models sized for 2 CPU cores; tests update what they exercise."""
+def tiny_cfg(tiny_config, tmp_path):
+    """A job on the tiny models sized for 2 CPU cores, reading tmp/in and writing tmp/out."""
     def make(**over) -> JobConfig:
-        base = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(tiny_models["grm"]),
-                    k=4, max_tokens=48, max_model_len=1024, structured=True, gpu_memory_utilization=0.05,
-                    batch_size=4, rows_per_file=4, seed=1)
-        base.update(over)
-        return JobConfig(**base)
+        base = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), k=4, max_tokens=48,
+                    max_model_len=1024, structured=True, batch_size=4, rows_per_file=4, seed=1)
+        return tiny_config(**{**base, **over})
     return make

@@ -19,7 +19,7 @@ from grm_ray import schema as S
 from grm_ray.config import JobConfig
 from grm_ray.parsing import last_box
 from grm_ray.prompts import orderings, render_grm_prompt
-from grm_ray.stages import REPAIR_RESERVE, GRMSampler, MetaScorer, Normalize, Vote, apply, item_seed
+from grm_ray.stages import GRMSampler, MetaScorer, Normalize, Vote, apply, item_seed
 
 try:  # the engine module imports vLLM; unit tests must not need it
     from grm_ray.engines import Generation  # type: ignore
@@ -269,7 +269,7 @@ class FakeGRM:
         out = []
         for p, count, n in zip(prompts, ns, n_responses):
             assert p.startswith("<|user|>\n") and p.endswith("<|assistant|>\n")  # rendered once, by render()
-            assert self.count_tokens([p])[0] <= self.max_prompt_tokens - REPAIR_RESERVE
+            assert self.count_tokens([p])[0] <= self.max_prompt_tokens
             self.prompts.add(p)
             shown = self.shown(p)
             assert len(shown) == n
@@ -366,7 +366,7 @@ def test_sampler_leaves_error_rows_alone():
 
 def test_too_long_prompt_is_a_row_error_and_the_rest_are_scored():
     short = len(FakeGRM().render(render_grm_prompt("Which is better?", ["GOOD a", "b"])).split())
-    engine = FakeGRM(max_prompt_tokens=short + REPAIR_RESERVE + 50)
+    engine = FakeGRM(max_prompt_tokens=short + 50)
     rows = [item("a", ["GOOD a", "b"]), item("long", ["GOOD", "LONGWORD " * 500]), item("c", ["b", "GOOD a"])]
     out = GRMSampler(cfg(k=4), engine)(rows)
     assert out[1][S.SAMPLES] is None
@@ -379,7 +379,7 @@ def test_too_long_prompt_is_a_row_error_and_the_rest_are_scored():
 
 def test_too_long_prompt_in_adaptive_mode_is_a_row_error():
     short = len(FakeGRM().render(render_grm_prompt("Which is better?", ["GOOD a", "b"])).split())
-    engine = FakeGRM(max_prompt_tokens=short + REPAIR_RESERVE + 50)
+    engine = FakeGRM(max_prompt_tokens=short + 50)
     rows = [item("long", ["GOOD", "LONGWORD " * 500]), item("a", ["GOOD a", "b"])]
     out = GRMSampler(cfg(k=8, adaptive="exact"), engine)(rows)
     assert out[0][S.SAMPLES] is None and "tokens" in out[0][S.ERROR]
