@@ -66,8 +66,9 @@ def _param(name: str, info: FieldInfo) -> inspect.Parameter:
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     if typing.get_origin(ann) is tuple or typing.get_origin(ann) is dict:
         ann = str  # pools as "MIN,MAX"; engine_kwargs as JSON
-    option = typer.Option(None, "--" + name.replace("_", "-"), help=f"{info.description} (default: {shown})",
-                          show_default=False)
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{flag[2:]}"] if ann is bool else [flag]  # a YAML `true` can be switched off
+    option = typer.Option(None, *decls, help=f"{info.description} (default: {shown})", show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[ann])
 
 
@@ -75,11 +76,6 @@ def _score(input: Optional[str] = None, output: Optional[str] = None, config: Op
            **options: Any) -> None:
     """Score Parquet preference shards (local or s3://) into scored Parquet; reruns resume."""
     _setup_logging()
-    if isinstance(options.get("engine_kwargs"), str):
-        try:
-            options["engine_kwargs"] = json.loads(options["engine_kwargs"])
-        except json.JSONDecodeError as e:
-            raise _fail(f"engine_kwargs: not valid JSON ({e})") from None
     cfg = resolve(str(config) if config else None, input=input, output=output, **options)
     if not cfg.input or not cfg.output:
         raise _fail("score needs INPUT and OUTPUT (as arguments or `input:`/`output:` in --config)")
@@ -203,6 +199,69 @@ def tiny_models(out_dir: Path = typer.Argument(..., help="Writes DIR/grm (causal
 
     for name, path in build_tiny_models(out_dir).items():
         typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def submit(
+    args: Optional[list[str]] = typer.Argument(
+        None, metavar="-- INPUT OUTPUT [SCORE OPTIONS]",
+        help="After `--`: the `grm-ray score` arguments and options, run on the cluster."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray dashboard (Jobs API) address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="YAML job config; uploaded with the job, options after `--` override it."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs and exit with its exit status."),
+    installed: bool = typer.Option(
+        False, "--installed", help="Run the grm-ray installed on the cluster instead of uploading this one."),
+    pip: Optional[list[str]] = typer.Option(None, "--pip", help="Extra pip requirement for the job (repeatable)."),
+    env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE environment variable for the job "
+                                            "(repeatable)."),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="Job id to use (default: Ray's)."),
+) -> None:
+    """Run `grm-ray score` as a Ray job on a cluster; prints the submission id."""
+    _setup_logging()
+    from .submit import submit_command
+
+    raise typer.Exit(submit_command(args or [], address=address, config=str(config) if config else None,
+                                    wait=wait, installed=installed, pip=pip or [], env=env or [],
+                                    submission_id=submission_id))
+
+
+SERVE_SKIP = ("input", "output", "input_format", "rows_per_file", "overwrite")  # batch-only options
+
+
+def _serve(config: Optional[Path] = None, host: str = "127.0.0.1", port: int = 8000,
+           token: Optional[str] = None, detach: bool = False, **options: Any) -> None:
+    """Serve POST /score on Ray Serve: the same sampler, meta scorer and voting, autoscaling replicas."""
+    _setup_logging()
+    from .serve import serve_command
+
+    try:
+        code = serve_command(str(config) if config else None, host=host, port=port, token=token,
+                             detach=detach, **options)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code)
+
+
+_serve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                      default=typer.Option(None, "--config", help="YAML file of options (the `score` keys); "
+                                           "command-line options override it.")),
+    inspect.Parameter("host", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                      default=typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: all).")),
+    inspect.Parameter("port", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                      default=typer.Option(8000, "--port", help="HTTP port.")),
+    inspect.Parameter("token", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                      default=typer.Option(None, "--token", show_default=False,
+                                           help="Bearer token every request must send (default: $GRM_RAY_TOKEN; "
+                                                "prefer the variable: options show in `ps`).")),
+    inspect.Parameter("detach", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--detach", help="Deploy to the cluster (--ray-address or "
+                                           "$RAY_ADDRESS) and return instead of serving until Ctrl-C.")),
+    *(_param(n, f) for n, f in JobConfig.model_fields.items() if n not in SERVE_SKIP),
+])
+app.command("serve")(_serve)
 
 
 def main() -> None:

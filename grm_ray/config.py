@@ -86,6 +86,17 @@ class JobConfig(BaseModel):
     def _parse_pool(cls, v: Any) -> tuple[int, int]:
         return _pool(v)
 
+    @field_validator("engine_kwargs", mode="before")
+    @classmethod
+    def _parse_json(cls, v: Any) -> Any:
+        """The command line gives engine_kwargs as a JSON string."""
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e})") from None
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "JobConfig":
         if self.k_meta is not None and self.k_meta > self.k:
@@ -123,7 +134,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
     except ValidationError as e:
         msgs = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
-            msgs.append(f"{key}: {err['msg']}" + (" (unknown key)" if err["type"] == "extra_forbidden" else ""))
+            key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{key}: {msg}" if key else msg)
+            msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
         src = f" in {path}" if path else ""
         raise ConfigError(f"invalid job config{src}: " + "; ".join(msgs)) from None

@@ -176,18 +176,20 @@ def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dic
     })
 
 
-def _init_ray(cfg: JobConfig) -> None:
+def init_ray(cfg: JobConfig) -> bool:
+    """Join cfg.ray_address / RAY_ADDRESS, or start a local Ray sized for the pools; True if local."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray_address, log_to_driver=True)
-        return
+        return False
     # A local Ray: logical CPUs are scheduling slots; engine actors and light tasks share the cores.
     need = cfg.grm_actors[1] + (cfg.meta_actors[1] if cfg.meta_mode != "none" else 0)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need * cfg.cpus_per_actor) + 1),
              include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def _engine_resources(cfg: JobConfig) -> dict[str, Any]:
@@ -270,7 +272,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         log.error("input %s skipped: %s", rel, why)
     totals = collections.Counter()
     if p.units:
-        _init_ray(cfg)
+        init_ray(cfg)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
         try:
             for batch in build(cfg, p, out_dir, metadata).iter_batches(batch_size=None, batch_format="pyarrow"):

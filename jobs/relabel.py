@@ -1,0 +1,153 @@
+"""Nightly relabelling: score one date partition of preference data with grm-ray, once.
+
+    python jobs/relabel.py --date yesterday \\
+        --input 's3://bucket/prefs/dt={date}/' --output 's3://bucket/scored/dt={date}/' \\
+        --config jobs/configs/deepseek-grm-27b.yaml
+
+A Ray job entrypoint (`ray job submit ... -- python jobs/relabel.py ...`, a KubeRay RayJob, or cron); it also
+runs as a plain script with a local Ray.
+- `--date` is YYYY-MM-DD, `today` or `yesterday` (UTC), so a scheduler needs no shell date arithmetic.
+- Idempotent: a date whose OUTPUT/_job.json says `complete` is skipped (exit 0); `--force` rescores it from
+  scratch. A run that died half way resumes where it stopped (grm-ray's exactly-once output).
+- Writes OUTPUT/_report.json: rows, error rows, generated tokens, samples per item, wall time.
+Exit codes: 0 scored or skipped; 2 bad options, missing input or a failed job; 3 some input files unreadable.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import posixpath
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+try:
+    import grm_ray  # noqa: F401 - installed, or on PYTHONPATH via a Ray job's working_dir
+except ImportError:  # `python jobs/relabel.py` from a source checkout: the package sits beside jobs/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from grm_ray import storage
+from grm_ray.config import ConfigError, JobConfig, load_config
+
+log = logging.getLogger("grm_ray.relabel")
+REPORT_FILE = "_report.json"
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relabel.py", description="Score one date partition with grm-ray, once.")
+    p.add_argument("--date", required=True, help="Partition date: YYYY-MM-DD, today or yesterday (UTC).")
+    p.add_argument("--input", required=True, help="Input prefix with {date}, e.g. s3://b/prefs/dt={date}/.")
+    p.add_argument("--output", required=True, help="Output prefix with {date}, e.g. s3://b/scored/dt={date}/.")
+    p.add_argument("--config", help="grm-ray job config (YAML); its input/output keys are replaced.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override one config key (YAML value), e.g. --set k=16; repeatable.")
+    p.add_argument("--force", action="store_true", help="Rescore a date that is already complete (from scratch).")
+    return p
+
+
+def resolve_date(text: str, today: dt.date | None = None) -> str:
+    """'yesterday' -> '2025-11-25' (UTC, when today is 2025-11-26); '2025-01-31' -> itself; else ConfigError."""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    if text == "today":
+        return today.isoformat()
+    if text == "yesterday":
+        return (today - dt.timedelta(days=1)).isoformat()
+    if not DATE.match(text):
+        raise ConfigError(f"--date {text!r}: expected YYYY-MM-DD, today or yesterday")
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError as e:
+        raise ConfigError(f"--date {text!r}: {e}") from None
+
+
+def job_config(args: argparse.Namespace, date: str) -> JobConfig:
+    """The config file, then --set overrides, then this date's input/output (and --force as overwrite)."""
+    for name in ("input", "output"):
+        if "{date}" not in getattr(args, name):
+            raise ConfigError(f"--{name} must contain {{date}} (one partition per date), got {getattr(args, name)!r}")
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return load_config(args.config, **overrides, input=args.input.replace("{date}", date),
+                       output=args.output.replace("{date}", date), overwrite=True if args.force else None)
+
+
+def report(date: str, cfg: JobConfig, status: str, summary: dict[str, Any] | None = None,
+           started: float | None = None, error: str | None = None) -> dict[str, Any]:
+    """The run report; `samples_per_item` = GRM samples drawn per newly scored row (below k when adaptive)."""
+    s = summary or {}
+    new_rows = s.get("new_rows", 0)
+    return {
+        "date": date, "status": status, "input": cfg.input, "output": cfg.output,
+        "rows": s.get("rows", 0), "new_rows": new_rows, "error_rows": s.get("error_rows", 0),
+        "generated_tokens": s.get("generated_tokens", 0), "samples": s.get("samples", 0),
+        "valid_samples": s.get("valid_samples", 0),
+        "samples_per_item": round(s.get("samples", 0) / new_rows, 3) if new_rows else 0.0,
+        "wall_seconds": s.get("wall_seconds", round(time.time() - started, 2) if started else None),
+        "bad_files": s.get("bad_files", {}), "error": error,
+        "model": cfg.model, "meta_mode": cfg.meta_mode, "meta_model": cfg.meta_model, "k": cfg.k,
+        "k_meta": cfg.voting_k_meta, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def relabel(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """Skip, or score the partition; returns (exit code, report)."""
+    from grm_ray.pipeline import JobError, run
+
+    date = resolve_date(args.date)
+    cfg = job_config(args, date)
+    fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
+    report_path = posixpath.join(out_dir, REPORT_FILE)
+    previous = storage.read_json(fs, posixpath.join(out_dir, storage.JOB_FILE))
+    if previous and previous.get("status") == "complete" and not args.force:
+        log.info("%s is already complete in %s; nothing to do (--force rescores it)", date, cfg.output)
+        rep = storage.read_json(fs, report_path)
+        if rep is None:  # the last run died between _job.json and its report: rebuild it from the summary
+            rep = report(date, cfg, "complete", previous.get("summary"))
+            storage.write_json(fs, report_path, rep)
+        return 0, {**rep, "skipped": True}
+    log.info("relabelling %s: %s -> %s, resolved config:\n%s", date, cfg.input, cfg.output,
+             json.dumps(cfg.public(), indent=2))
+    started = time.time()
+    try:
+        summary = run(cfg)
+    except (JobError, FileNotFoundError, PermissionError) as e:
+        rep = report(date, cfg, "failed", started=started, error=str(e))
+        try:
+            fs.makedirs(out_dir, exist_ok=True)
+            storage.write_json(fs, report_path, rep)
+        except OSError as write_error:
+            log.warning("could not write %s: %s", report_path, write_error)
+        log.error("relabel %s failed: %s", date, e)
+        return 2, rep
+    status = "complete" if not summary["bad_files"] else "incomplete"
+    rep = report(date, cfg, status, summary)
+    storage.write_json(fs, report_path, rep)
+    return (0 if status == "complete" else 3), rep
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = parser().parse_args(argv)
+    try:
+        code, rep = relabel(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("report: " + json.dumps(rep, indent=2))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
