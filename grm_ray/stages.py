@@ -109,17 +109,20 @@ class GRMSampler:
         round_size = {i: self._round_size(len(rows[i][RESPONSES])) for i in live}
         rounds = {i: math.ceil(cfg.k / round_size[i]) for i in live}
         while live:
-            requests = []  # (row index, order, count, prompt)
+            requests = []  # (row index, order, count, prompt, seed)
             for i in live:
                 r = rows[i]
                 n = len(r[RESPONSES])
                 count = min(round_size[i], cfg.k - drawn[i])
                 for order, c in prompts.orderings(n, count, start=drawn[i]):
-                    requests.append((i, order, c, self._prompt(r, order)))
+                    # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
+                    seed = item_seed(cfg.seed, f"{r[ID]}/{drawn[i]}/{order}")
+                    requests.append((i, order, c, self._prompt(r, order), seed))
             too_long = self._check_lengths(requests, out)
             requests = [q for q in requests if q[0] not in too_long]
             gens = self.engine.sample([q[3] for q in requests], [q[2] for q in requests],
-                                      [len(rows[q[0]][RESPONSES]) for q in requests]) if requests else []
+                                      [len(rows[q[0]][RESPONSES]) for q in requests],
+                                      seeds=[q[4] for q in requests]) if requests else []
             self._record(rows, requests, gens, out)
             for i in live:
                 drawn[i] += min(round_size[i], cfg.k - drawn[i])
@@ -143,7 +146,7 @@ class GRMSampler:
         """Rows whose prompt would not fit the context get an error instead of sinking the batch."""
         limit = self.engine.max_prompt_tokens
         bad: set[int] = set()
-        for (i, _, _, _), n_tok in zip(requests, self.engine.count_tokens([q[3] for q in requests])):
+        for (i, *_), n_tok in zip(requests, self.engine.count_tokens([q[3] for q in requests])):
             if n_tok > limit and i not in bad:
                 bad.add(i)
                 out[i][SAMPLES] = None
@@ -154,7 +157,7 @@ class GRMSampler:
 
     def _record(self, rows: list[Row], requests: list, gens: list, out: list[Row]) -> None:
         repairs = []  # (sample dict, prompt, n)
-        for (i, order, _, prompt), samples in zip(requests, gens):
+        for (i, order, _, prompt, _), samples in zip(requests, gens):
             n = len(order)
             for g in samples:
                 s = {"order": order, "text": g.text, "scores": None, "valid": False, "meta_score": None,

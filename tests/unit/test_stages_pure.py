@@ -264,7 +264,7 @@ class FakeGRM:
     def shown(self, prompt: str) -> list[str]:
         return shown_responses(prompt)
 
-    def sample(self, prompts, ns, n_responses):
+    def sample(self, prompts, ns, n_responses, seeds=None):
         self.calls.append((list(prompts), list(ns), list(n_responses)))
         out = []
         for p, count, n in zip(prompts, ns, n_responses):
@@ -417,7 +417,7 @@ def test_failed_repair_stays_invalid_but_marked():
 
 def test_unparseable_sample_that_stopped_normally_is_not_repaired():
     class NoBox(FakeGRM):
-        def sample(self, prompts, ns, n_responses):
+        def sample(self, prompts, ns, n_responses, seeds=None):
             self.calls.append((list(prompts), list(ns), list(n_responses)))
             return [[Generation("Analysis: no scores given.", 12, "stop") for _ in range(c)] for c in ns]
 
