@@ -47,7 +47,7 @@ def run_demo(output: str, items: int = 24, k: int = 4) -> None:
     cfg = demo_config(output, items, k)
     typer.echo("grm-ray demo, resolved config:\n" + json.dumps(cfg.public(), indent=2))
     summary = run(cfg)
-    table = read_table(output).sort_by("source").to_pylist()
+    table = sorted(read_table(output).to_pylist(), key=lambda r: int(r["source"].rsplit("#", 1)[1]))
     correct = sum(r["best_index"] == r["label"] and not r["tie"] for r in table if r["error"] is None)
     scored = sum(r["error"] is None for r in table)
     typer.echo(f"\n{'row':<6}{'rewards':<14}{'best':<6}{'tie':<6}{'kept':<6}best-voted critique")
