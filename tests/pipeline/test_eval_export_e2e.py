@@ -1,0 +1,63 @@
+"""Score the packaged HH-RLHF sample with the tiny models, then evaluate, plot and export from the CLI."""
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from grm_ray import storage
+from grm_ray.cli import app
+from grm_ray.pipeline import run
+
+pytestmark = [pytest.mark.engine, pytest.mark.ray]
+
+
+def test_score_eval_plot_export(ray_local, tiny_cfg, tiny_models, tmp_path, hh_table):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(hh_table.slice(0, 8), inp / "hh.parquet")
+    cfg = tiny_cfg(input=str(inp), k=4, meta_mode="classifier", meta_model=str(tiny_models["meta"]), hint=True)
+    run(cfg)
+    scored = storage.read_table(cfg.output)
+    assert scored.num_rows == 8
+    assert all(s["hinted"] for r in scored.column("samples").to_pylist() for s in r)
+    cli = CliRunner()
+
+    res = cli.invoke(app, ["eval", cfg.output, "--json", "--plot", str(tmp_path / "curves.png")])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
+    assert report["rows"] == 8 and report["pairwise"]["n"] + report["errors"] == 8
+    assert set(report["curves"]["methods"]) == {"voting", "metarm"} and report["curves"]["ks"][-1] == 4
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from datasets import load_dataset
+
+    res = cli.invoke(app, ["export-dpo", cfg.output, str(tmp_path / "dpo")])
+    assert res.exit_code == 0, res.output
+    dpo = load_dataset("parquet", data_files=str(tmp_path / "dpo" / "data.parquet"), split="train")
+    assert {"prompt", "chosen", "rejected", "margin"} <= set(dpo.column_names)
+    decided = [r for r in scored.to_pylist() if r["error"] is None and not r["tie"]]
+    assert len(dpo) == len(decided)
+    for row in dpo:
+        assert row["chosen"] != row["rejected"] and row["margin"] >= 0
+
+    res = cli.invoke(app, ["export-dpo", cfg.output, str(tmp_path / "bon"), "--mode", "best-of-n"])
+    assert res.exit_code == 0, res.output
+    assert {"prompt", "completion"} <= set(pq.read_schema(tmp_path / "bon" / "data.parquet").names)
+
+    res = cli.invoke(app, ["export-rft", cfg.output, str(tmp_path / "rft")])
+    assert res.exit_code == 0, res.output
+    rft = pq.read_table(tmp_path / "rft" / "data.parquet").to_pylist()
+    for r in rft:  # a kept trajectory ranks the labelled best (response 0) strictly first, and was hinted
+        assert "The best response is: Response" in r["prompt"] and r["completion"]
+
+    res = cli.invoke(app, ["export-meta", cfg.output, str(tmp_path / "meta")])
+    assert res.exit_code == 0, res.output
+    meta = pq.read_table(tmp_path / "meta" / "data.parquet")
+    valid = sum(s["valid"] for r in scored.column("samples").to_pylist() for s in r)
+    assert meta.num_rows == valid and set(meta.column("label").to_pylist()) <= {0, 1}
+
+    res = cli.invoke(app, ["eval", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "cannot read scored output" in res.output
