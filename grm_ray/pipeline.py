@@ -161,7 +161,7 @@ class _StageActor:
 
 def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str]) -> pa.Table:
     """Vote, then commit the batch as one part file; returns one summary row."""
-    table = apply(Vote(cfg), table)
+    table = _locate_errors(apply(Vote(cfg), table))
     order = [f.name for f in table.schema if f.name not in OUR_COLUMNS] + [f.name for f in OUTPUT_FIELDS]
     table = table.select(order)
     fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
@@ -174,6 +174,21 @@ def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dic
         "valid": [sum(sum(x["valid"] for x in s or []) for s in samples)],
         "tokens": [sum(sum(x["n_tokens"] for x in s or []) for s in samples)],
     })
+
+
+def _locate_errors(table: pa.Table) -> pa.Table:
+    """Every row error names its file and row, as Normalize's do: 'c.parquet, row 2: prompt is 3501 tokens...'
+    (the sampler and voting, shared with serve.py, do not know where a row came from)."""
+    errors = table.column(ERROR).to_pylist()
+    located = []
+    for source, e in zip(table.column(SOURCE).to_pylist(), errors):
+        file, _, row = source.rpartition("#")
+        where = f"{file}, row {row}: "
+        located.append(e if e is None or e.startswith(where) else where + e)
+    if located == errors:
+        return table
+    i = table.column_names.index(ERROR)
+    return table.set_column(i, table.schema.field(i), pa.array(located, pa.string()))
 
 
 def init_ray(cfg: JobConfig) -> bool:

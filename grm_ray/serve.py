@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .config import ConfigError, JobConfig, load_config
-from .schema import ERROR, ID, LABEL, MESSAGES, RESPONSES, SAMPLES, SOURCE, VOTED, RowError, normalize
+from .schema import ERROR, ID, LABEL, RESPONSES, SAMPLES, SOURCE, VOTED, RowError, normalize
 from .stages import GRMSampler, MetaScorer, Vote
 
 log = logging.getLogger(__name__)

@@ -61,25 +61,67 @@ class Normalize:
     def __call__(self, table: pa.Table, file: str, rows: Sequence[int], fmt: str | None,
                  duplicate_ids: frozenset[str] = frozenset(), file_error: str | None = None) -> pa.Table:
         out = []
-        ids = table.column(ID).to_pylist() if ID in table.column_names else [None] * table.num_rows
-        for raw, row, given_id in zip(table.to_pylist(), rows, ids):
+        for raw, row in zip(_rows(table), rows):
             source = f"{file}#{row}"
+            given_id = raw.get(ID) if isinstance(raw, dict) else None
             item: Row = {ID: source if given_id is None else str(given_id), SOURCE: source,
                          MESSAGES: None, RESPONSES: None, LABEL: None, ERROR: None}
             try:
                 if file_error:
                     raise RowError(file_error)
+                if isinstance(raw, RowError):
+                    raise raw
                 if given_id is not None and str(given_id) in duplicate_ids:
                     raise RowError(f"field 'id': duplicate id {str(given_id)!r} (ids must be unique)")
                 item.update(normalize(raw, fmt, self.cfg.max_responses))
             except RowError as e:
                 item[ERROR] = f"{file}, row {row}: {e}"
             out.append(item)
-        keep = table.drop_columns([c for c in NORMALIZED.names if c in table.column_names])
+        keep = _valid_utf8(table.drop_columns([c for c in NORMALIZED.names if c in table.column_names]))
         normalized = pa.Table.from_pylist(out, schema=NORMALIZED)
         for field in NORMALIZED:
             keep = keep.append_column(field, normalized.column(field.name))
         return keep
+
+
+def _rows(table: pa.Table) -> list[Row | RowError]:
+    """Rows as dicts; a row holding a string that is not valid UTF-8 (some writers produce them) becomes a
+    RowError naming the field, instead of failing the whole batch."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    out: list[Row | RowError] = []
+    for i in range(table.num_rows):
+        row: Row | RowError = {}
+        for name in table.column_names:
+            try:
+                row[name] = table.column(name)[i].as_py()
+            except UnicodeDecodeError as e:
+                row = RowError(f"field '{name}' is not valid UTF-8 ({e.reason} at byte {e.start})")
+                break
+        out.append(row)
+    return out
+
+
+def _valid_utf8(table: pa.Table) -> pa.Table:
+    """Input columns passed through to the output, with string / list<string> values made valid UTF-8
+    (invalid bytes -> U+FFFD; `_rows` has flagged those rows), so the scored Parquet stays readable."""
+    for i, field in enumerate(table.schema):
+        t = field.type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
+                or (pa.types.is_list(t) and pa.types.is_string(t.value_type))):
+            continue
+        try:
+            table.column(i).validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = table.column(i).cast(pa.list_(pa.binary()) if pa.types.is_list(t) else pa.binary()).to_pylist()
+        fix = lambda b: None if b is None else b.decode("utf-8", "replace")  # noqa: E731
+        fixed = [None if v is None else [fix(b) for b in v] if isinstance(v, list) else fix(v) for v in raw]
+        table = table.set_column(i, field, pa.array(fixed, t))
+    return table
 
 
 class GRMSampler:

@@ -6,12 +6,13 @@ reads the `source` column of the committed parts and skips those rows; hidden le
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -34,6 +35,35 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
         opts["config_kwargs"] = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
         return fsspec.core.url_to_fs(uri, **opts)
     return fsspec.core.url_to_fs(os.path.abspath(os.path.expanduser(uri)))
+
+
+def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return f"s3://{path}" if _is_s3(fs) else path
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
+@contextlib.contextmanager
+def _naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
+    """Storage errors left after the filesystem's own retries name the object: 'cannot write s3://b/k: ...'."""
+    try:
+        yield
+    except OSError as e:
+        cls = next(c for c in (PermissionError, FileNotFoundError, OSError) if isinstance(e, c))
+        raise cls(f"cannot {action} {_uri(fs, path)}: {e}") from e
+
+
+def make_output_dir(fs: fsspec.AbstractFileSystem, out_dir: str) -> None:
+    """Create the output directory. On S3 the bucket must exist: creating one would hide a typo."""
+    if _is_s3(fs):
+        bucket = out_dir.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"output bucket s3://{bucket} does not exist (or these credentials cannot "
+                                    "see it); create it first or fix the output URI")
+        return  # S3 has no directories
+    fs.makedirs(out_dir, exist_ok=True)
 
 
 def _visible(path: str) -> bool:
@@ -69,9 +99,10 @@ def write_part(fs: fsspec.AbstractFileSystem, out_dir: str, table: pa.Table,
     tmp = posixpath.join(out_dir, f".tmp-{uuid.uuid4().hex}.parquet")
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
         k.encode(): v.encode() for k, v in metadata.items()}})
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(tmp, final)
+    with _naming(fs, final, "write"):
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.mv(tmp, final)
     return final
 
 
@@ -113,9 +144,10 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict[str, Any]) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    fs.mv(tmp, path)
+    with _naming(fs, path, "write"):
+        with fs.open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        fs.mv(tmp, path)
 
 
 def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -1,0 +1,109 @@
+"""Resource bounds: streaming an input many times larger (in memory) than the object store keeps the
+driver's and the workers' memory flat.
+
+The job (membound_job.py, its own local Ray with an 80 MiB object store) runs the product's pipeline with
+an engine-free GRM stage (rel_fakes.FakeSampler, one sample per row): this measures the streaming machinery
+(read, normalise, actor pool, vote, commit), not scoring. Rows carry a 512 KiB pass-through text column
+(compressible: the file stays small on disk while Arrow holds every byte). Memory is polled from outside
+every 0.25 s: RSS of the driver and of each process of the job's session, and the sum of their private
+memory (USS; RSS also counts the object-store pages a process has mapped).
+
+Scale: 10x the object store by default (~25 s); GRM_RAY_MEMORY_SCALE=50 for the recorded 50x figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rel_util import Job, assert_exactly_once, cli_env
+
+pytestmark = [pytest.mark.ray]
+HERE = Path(__file__).resolve().parent
+STORE_MB, ROW_KB, ROWS_PER_GROUP = 80, 512, 8  # 4 MiB blocks: well inside the store (see RESULTS.md)
+SCALE = int(os.environ.get("GRM_RAY_MEMORY_SCALE", "10"))
+ROWS = SCALE * STORE_MB * 1024 // ROW_KB
+
+
+def write_input(path: Path) -> None:
+    text = ("The quick brown fox jumps over the lazy dog. " * (ROW_KB * 1024 // 45 + 1))[: ROW_KB * 1024]
+    schema = pa.schema([("prompt", pa.string()), ("responses", pa.list_(pa.string())), ("blob", pa.string())])
+    with pq.ParquetWriter(path, schema, compression="zstd") as w:
+        for start in range(0, ROWS, ROWS_PER_GROUP):
+            ids = range(start, min(ROWS, start + ROWS_PER_GROUP))
+            w.write_table(pa.table({"prompt": [f"Question {i}?" for i in ids],
+                                    "responses": [[f"yes {i}", f"no {i}"] for i in ids],
+                                    "blob": [f"{i:08d}" + text[8:] for i in ids]}, schema=schema))
+
+
+class Poller(threading.Thread):
+    """Peak RSS of the driver, of the largest other process, and peak summed USS of a job's session."""
+
+    def __init__(self, job: Job):
+        super().__init__(daemon=True)
+        self.job, self.stop = job, threading.Event()
+        self.driver_rss = self.worker_rss = self.total_uss = self.samples = 0
+        self.worker_name = ""
+
+    def run(self):
+        while not self.stop.is_set():
+            total = 0
+            for pid in self.job.session_pids():
+                try:
+                    p = psutil.Process(pid)
+                    mem, name = p.memory_full_info(), " ".join(p.cmdline())[:60]
+                except psutil.Error:
+                    continue
+                total += mem.uss
+                if pid == self.job.proc.pid:
+                    self.driver_rss = max(self.driver_rss, mem.rss)
+                elif mem.rss > self.worker_rss:
+                    self.worker_rss, self.worker_name = mem.rss, name.strip()
+            self.total_uss = max(self.total_uss, total)
+            self.samples += 1
+            time.sleep(0.25)
+
+
+@pytest.mark.timeout(300 if SCALE <= 10 else 600)
+def test_memory_stays_bounded_while_streaming(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    write_input(inp / "big.parquet")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))  # this job's Ray: logs and spill files
+    t0 = time.monotonic()
+    job = Job([str(inp), str(out), str(STORE_MB)], tmp_path / "logs", cli_env(RAY_TMPDIR=str(ray_tmp)),
+              name="membound", script=HERE / "membound_job.py")
+    poller = Poller(job)
+    poller.start()
+    try:
+        rc = job.wait(280 if SCALE <= 10 else 580)
+    finally:
+        poller.stop.set()
+        poller.join()
+        spilled = sum(f.stat().st_size for f in ray_tmp.rglob("*") if f.is_file() and "spill" in str(f))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    seconds = time.monotonic() - t0
+    assert rc == 0, job.stderr[-3000:]
+    summary = json.loads(job.stdout.split("SUMMARY ", 1)[1])
+    assert summary["rows"] == ROWS
+    assert_exactly_once(str(out), [f"big.parquet#{i}" for i in range(ROWS)])
+    mib = lambda b: b / (1 << 20)  # noqa: E731
+    data = ROWS * ROW_KB * 1024
+    print(f"\nRESULT memory: {mib(data):.0f} MiB of rows ({data / (STORE_MB << 20):.0f}x the {STORE_MB} MiB object "
+          f"store; {mib((inp / 'big.parquet').stat().st_size):.0f} MiB on disk) streamed in {seconds:.0f} s "
+          f"(pipeline {summary['wall_seconds']:.0f} s); peak RSS: driver {mib(poller.driver_rss):.0f} MiB, largest "
+          f"worker {mib(poller.worker_rss):.0f} MiB ({poller.worker_name}); peak summed USS of the job's processes "
+          f"{mib(poller.total_uss):.0f} MiB; spilled {mib(spilled):.0f} MiB; {poller.samples} polls")
+    assert poller.samples > 10
+    # bounded: a leak or a full materialisation would hold the whole input (GiBs at 50x)
+    assert poller.driver_rss < 1 << 30 and poller.worker_rss < 1 << 30
+    assert poller.total_uss < 3 << 30
