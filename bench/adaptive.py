@@ -1,0 +1,192 @@
+"""3. Adaptive sampling: `--adaptive exact` against full k, and `--adaptive confident` replayed.
+
+Live: the GRMSampler stage on a real GRMEngine (one engine, no Ray), same items and seed, adaptive off
+(full k) then exact, each from a cold prefix cache: generated tokens, wall time, and each item's plain-vote
+winner. The two runs draw different samples (adaptive rounds are seeded per round on GPU; on CPU the engine
+does not seed requests), so a live winner may differ where the full-k vote is close; the guarantee is
+checked by the replay.
+
+Replay: the full-k run's stored samples are fed back in the order the adaptive sampler draws them (one
+balanced round at a time: round r takes the next sample of each ordering) and the stage's own stopping
+rule (GRMSampler._done) decides after each round. Exact: the winner at the stop must equal the full-k
+winner for every item. Confident: for each risk, the share of samples saved and of items whose winner
+differs from full Voting@k. Replays at smaller k use the first samples of each ordering of the same run.
+
+    python -m bench.adaptive [--model demo] [--items 8] [--k 32] [--max-tokens 96]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench import common
+
+RISKS = (0.2, 0.1, 0.05, 0.01)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"items": common.pick(args.items, 8, 256, args.full), "k": common.pick(args.k, 32, 32, args.full),
+            "max_tokens": common.pick(args.max_tokens, 96, 1024, args.full)}
+
+
+def winner(samples: Sequence[dict[str, Any]], n: int, item_id: str, seed: int) -> int | None:
+    """The plain-vote winner, as the Vote stage computes it (seeded tie-break)."""
+    from grm_ray import voting
+    from grm_ray.stages import item_seed
+
+    return voting.vote(samples, seed=item_seed(seed, item_id), n=n)["best_index"]
+
+
+def replay(item: dict[str, Any], n: int, k: int, sampler: Any) -> tuple[list[dict[str, Any]], int]:
+    """Feed a full run's samples to the stopping rule, round by round; (samples drawn, drawn count).
+
+    `item["samples"]` holds the full run's samples grouped by ordering (as GRMSampler writes them). For
+    k below the run's k, each ordering contributes its first samples (balanced as prompts.orderings says).
+    """
+    from grm_ray import prompts
+
+    by_order: dict[tuple[int, ...], deque] = defaultdict(deque)
+    for s in item["samples"]:
+        by_order[tuple(s["order"])].append(s)
+    full_counts = dict((tuple(o), c) for o, c in prompts.orderings(n, k))
+    queues = {o: deque(list(q)[:full_counts.get(o, 0)]) for o, q in by_order.items()}
+    round_size = sampler._round_size(n)
+    rounds = -(-k // round_size)
+    drawn, seen = 0, []
+    while True:
+        count = min(round_size, k - drawn)
+        for order, c in prompts.orderings(n, count, start=drawn):
+            for _ in range(c):
+                seen.append(queues[tuple(order)].popleft())
+        drawn += count
+        if sampler._done({"samples": seen}, drawn, rounds):
+            return seen, drawn
+
+
+def replay_all(items: list[dict[str, Any]], ns: dict[str, int], k: int, cfg: Any, seed: int) -> dict[str, Any]:
+    """Replay every item at k with cfg's adaptive rule; savings and winner changes against full Voting@k."""
+    from grm_ray.stages import GRMSampler
+
+    sampler = GRMSampler(cfg, engine=object())  # the stage's own rule; no engine is used
+    total = used = tok_total = tok_used = changed = 0
+    changed_ids = []
+    for it in items:
+        n = ns[it["id"]]
+        full = _first(it, n, k)
+        seen, drawn = replay({"samples": full}, n, k, sampler)
+        total += k
+        used += drawn
+        tok_total += sum(s["n_tokens"] for s in full)
+        tok_used += sum(s["n_tokens"] for s in seen)
+        if winner(seen, n, it["id"], seed) != winner(full, n, it["id"], seed):
+            changed += 1
+            changed_ids.append(it["id"])
+    return {"items": len(items), "samples_saved": 1 - used / total, "tokens_saved": 1 - tok_used / tok_total,
+            "winner_changed": changed / len(items), "changed_items": changed_ids}
+
+
+def _first(item: dict[str, Any], n: int, k: int) -> list[dict[str, Any]]:
+    """The samples a k-sample run would hold: the first ones of each ordering, in stored order."""
+    from grm_ray import prompts
+
+    want = {tuple(o): c for o, c in prompts.orderings(n, k)}
+    out, taken = [], defaultdict(int)
+    for s in item["samples"]:
+        o = tuple(s["order"])
+        if taken[o] < want.get(o, 0):
+            out.append(s)
+            taken[o] += 1
+    return out
+
+
+def measure(args: argparse.Namespace, worker: common.Worker | None = None, hint: bool = False,
+            live_run: bool = True) -> dict[str, Any]:
+    """Live exact vs full k (unless live_run is False) and the replays. hint=True appends the label hint
+    ("The best response is: Response X", the paper's hinted sampling) to every prompt: a decisive score
+    distribution from the same model, on which the stopping rules have something to stop."""
+    from grm_ray.config import JobConfig
+
+    s = settings(args)
+    k = s["k"]
+    inp = common.input_file(args, s["items"])
+    cfg = common.job_config(args.model, args.workdir, input=inp, output="", k=k, max_tokens=s["max_tokens"],
+                            max_model_len=args.max_model_len, threads=args.threads)
+    own = worker is None
+    w = worker or common.Worker("adaptive", cfg, common.engine_env(args.threads), args.workdir)
+    print(f"[adaptive] full k={k} run{' (hinted)' if hint else ''} ...", flush=True)
+    full = w.call("stage", input=inp, overrides={"k": k, "adaptive": "off", "hint": hint}, return_samples=True)
+    exact = None
+    if live_run:
+        print(f"[adaptive] full run {full['seconds']:.0f} s; exact run ...", flush=True)
+        exact = w.call("stage", input=inp, overrides={"k": k, "adaptive": "exact", "hint": hint},
+                       return_samples=True)
+    if own:
+        w.close()
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(inp)
+    ns = {i: len(r) for i, r in zip(table.column("id").to_pylist(), table.column("responses").to_pylist())}
+    ok = [it for it in full["items"] if it["error"] is None]
+    live = _live(full, exact, ok, ns, cfg.seed) if exact else None
+    base = cfg.public()
+    base["hint"] = hint
+    replays: dict[str, Any] = {"exact": {}, "confident": {}}
+    for kk in sorted({8, k} if k >= 8 else {k}):
+        replays["exact"][f"k={kk}"] = replay_all(ok, ns, kk, JobConfig(**{**base, "k": kk, "adaptive": "exact"}),
+                                                 cfg.seed)
+    for risk in RISKS:
+        replays["confident"][f"risk={risk}"] = replay_all(
+            ok, ns, k, JobConfig(**{**base, "k": k, "adaptive": "confident", "risk": risk}), cfg.seed)
+    valid = [s for it in ok for s in it["samples"] if s["valid"]]
+    hist: dict[str, int] = defaultdict(int)
+    for s_ in valid:
+        hist[",".join(map(str, s_["scores"]))] += 1
+    exact_ok = all(r["winner_changed"] == 0 for r in replays["exact"].values())
+    if live:
+        print(f"[adaptive] live exact/full tokens {live['tokens_ratio']:.3f}, wall {live['wall_ratio']:.3f}", flush=True)
+    print(f"[adaptive] replayed exact keeps every winner: {exact_ok}; exact saves "
+          f"{replays['exact'][f'k={k}']['samples_saved']:.1%} of samples at k={k}", flush=True)
+    return {"settings": {**s, "model": cfg.model, "structured": cfg.structured, "threads": args.threads,
+                         "hint": hint, "engine": w.info},
+            "live": live, "replay": replays, "replay_exact_keeps_every_winner": exact_ok,
+            "score_patterns_top": sorted(hist.items(), key=lambda kv: -kv[1])[:8],
+            "valid_share_full": full["valid"] / max(1, full["samples"])}
+
+
+def _live(full: dict[str, Any], exact: dict[str, Any], ok: list[dict[str, Any]], ns: dict[str, int],
+          seed: int) -> dict[str, Any]:
+    from grm_ray import voting
+
+    ex = {it["id"]: it for it in exact["items"]}
+    diff = []
+    for it in ok:
+        a = winner(it["samples"], ns[it["id"]], it["id"], seed)
+        b = winner(ex[it["id"]]["samples"], ns[it["id"]], it["id"], seed)
+        if a != b:
+            m = voting.vote(it["samples"], n=ns[it["id"]])
+            diff.append({"id": it["id"], "full_winner": a, "exact_winner": b, "full_margin": m["margin"],
+                         "full_tie": m["tie"]})
+    keys = ("seconds", "cpu_seconds", "samples", "valid", "repaired", "tokens")
+    return {"full": {k: full[k] for k in keys}, "exact": {k: exact[k] for k in keys},
+            "tokens_ratio": exact["tokens"] / full["tokens"], "wall_ratio": exact["seconds"] / full["seconds"],
+            "cpu_ratio": exact["cpu_seconds"] / full["cpu_seconds"], "samples_ratio": exact["samples"] / full["samples"],
+            "items": len(ok), "winner_differs": len(diff), "differing_items": diff}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--hint", action="store_true", help="hinted prompts, replay only (section adaptive_hinted)")
+    args = p.parse_args()
+    result = measure(args, hint=args.hint, live_run=not args.hint)
+    common.save_results("adaptive_hinted" if args.hint else "adaptive", result)
+    print(json.dumps({"live": {k: v for k, v in (result["live"] or {}).items() if k != "differing_items"},
+                      "replay": result["replay"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
