@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict, deque
-from pathlib import Path
 from typing import Any, Sequence
 
 from bench import common
@@ -88,6 +87,28 @@ def replay_all(items: list[dict[str, Any]], ns: dict[str, int], k: int, cfg: Any
             "winner_changed": changed / len(items), "changed_items": changed_ids}
 
 
+def rule_frontier(k: int, risk: float) -> list[dict[str, Any]]:
+    """Pairs: after m samples, the smallest vote lead at which each rule stops (both depend on totals only).
+
+    Returns the states where the confident rule stops and the exact rule does not: m, the lead the
+    confident rule needs, the lead exact needs (> 9 x remaining), both per sample. Empty: confident never
+    stops before exact at this k and risk, whatever the samples say.
+    """
+    from grm_ray import voting
+
+    out = []
+    for m in range(2, k, 2):  # pairs: one balanced round = 2 samples
+        for lead in range(0, 9 * m + 1):
+            rows = [[10, 1]] * (lead // 9) + ([[1 + lead % 9, 1]] if lead % 9 else [])
+            rows += [[5, 5]] * (m - len(rows))
+            if voting.decided_confident(rows, k - m, risk, k // 2):
+                if not voting.decided_exact([sum(r[0] for r in rows), sum(r[1] for r in rows)], k - m):
+                    out.append({"m": m, "confident_lead_per_sample": lead / m,
+                                "exact_lead_per_sample": 9 * (k - m) / m})
+                break
+    return out
+
+
 def _first(item: dict[str, Any], n: int, k: int) -> list[dict[str, Any]]:
     """The samples a k-sample run would hold: the first ones of each ordering, in stored order."""
     from grm_ray import prompts
@@ -146,13 +167,14 @@ def measure(args: argparse.Namespace, worker: common.Worker | None = None, hint:
     for s_ in valid:
         hist[",".join(map(str, s_["scores"]))] += 1
     exact_ok = all(r["winner_changed"] == 0 for r in replays["exact"].values())
+    frontier = {f"k={kk} risk={risk}": rule_frontier(kk, risk) for kk in (8, 32, 64) for risk in RISKS}
     if live:
         print(f"[adaptive] live exact/full tokens {live['tokens_ratio']:.3f}, wall {live['wall_ratio']:.3f}", flush=True)
     print(f"[adaptive] replayed exact keeps every winner: {exact_ok}; exact saves "
           f"{replays['exact'][f'k={k}']['samples_saved']:.1%} of samples at k={k}", flush=True)
     return {"settings": {**s, "model": cfg.model, "structured": cfg.structured, "threads": args.threads,
                          "hint": hint, "engine": w.info},
-            "live": live, "replay": replays, "replay_exact_keeps_every_winner": exact_ok,
+            "live": live, "replay": replays, "replay_exact_keeps_every_winner": exact_ok, "rule_frontier": frontier,
             "score_patterns_top": sorted(hist.items(), key=lambda kv: -kv[1])[:8],
             "valid_share_full": full["valid"] / max(1, full["samples"])}
 

@@ -255,6 +255,21 @@ def machine() -> dict[str, Any]:
             "versions": versions}
 
 
+def machine_cpu() -> dict[str, float]:
+    """Machine-wide CPU seconds so far from /proc/stat: busy (all processes, everyone's) and stolen by the host."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return {"busy": (user + nice + system + irq + softirq) / tick, "steal": steal / tick}
+
+
+def cpu_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: round(b[k] - a[k], 2) for k in a if k in b}
+
+
 def load_results() -> dict[str, Any]:
     try:
         return json.loads(RESULTS_JSON.read_text())

@@ -83,6 +83,7 @@ def run_pipeline(cfg: Any, env: dict[str, str], workdir: str) -> dict[str, Any]:
         call_seconds=[round(c["end"] - c["start"], 3) for c in calls],
         tokens_in_calls=sum(c["tokens"] for c in calls),
         engine_cpu_seconds_in_calls=round(sum(c["cpu"] for c in calls), 3),
+        engine_thread_cpu_seconds_in_calls=round(sum(c.get("thread_cpu", 0.0) for c in calls), 3),
     )
     return result
 
@@ -130,6 +131,7 @@ def pipeline_side(cfg_path: str) -> None:
     def watch() -> None:  # snapshot CPU times the moment the actor's engine is ready
         while "cpu" not in at_ready:
             if timings.exists() and '"ready"' in timings.read_text():
+                at_ready["machine"] = common.machine_cpu()
                 at_ready["cpu"] = _cpu_snapshot()
                 return
             time.sleep(0.05)
@@ -142,11 +144,15 @@ def pipeline_side(cfg_path: str) -> None:
     watcher.start()
     summary = pipeline.run(cfg)
     t2 = time.time()
-    at_end = _cpu_snapshot()
+    at_end, machine_end = _cpu_snapshot(), common.machine_cpu()
     at_ready.setdefault("cpu", {})
+    ours = _cpu_between(at_ready["cpu"], at_end, 0)
+    machine = common.cpu_delta(at_ready.get("machine", machine_end), machine_end)
     actor_pid = next(json.loads(l)["pid"] for l in timings.read_text().splitlines() if '"ready"' in l)
     print(json.dumps({"ray_init_seconds": round(t1 - t0, 2), "t_run_start": t1, "t_run_end": t2,
                       "steady_cpu_seconds": _cpu_between(at_ready["cpu"], at_end, actor_pid),
+                      "steady_machine_busy_others": round(machine.get("busy", 0) - sum(ours.values()), 2),
+                      "steady_machine_steal": machine.get("steal"),
                       "summary": summary}, default=str), file=answer, flush=True)
     import ray
 
@@ -212,6 +218,9 @@ def measure(args: argparse.Namespace, worker: common.Worker | None = None) -> di
     plain_cpu = [p_["cpu_seconds"] for p_ in one if p_.get("cpu_seconds") is not None]
     if cpu and plain_cpu:
         plain_cpu_per_tok = sum(plain_cpu) / sum(p_["tokens"] for p_ in one)
+        result["thread_cpu_per_token"] = {
+            "plain_one_call": sum(p_.get("thread_cpu_seconds", 0.0) for p_ in one) / sum(p_["tokens"] for p_ in one),
+            "pipeline_actor_in_calls": pipe["engine_thread_cpu_seconds_in_calls"] / tokens}
         result["cpu_per_token"] = {"plain_one_call": plain_cpu_per_tok,
                                    "pipeline_actor_in_calls": pipe["engine_cpu_seconds_in_calls"] / tokens,
                                    "pipeline_all_processes": sum(cpu.values()) / tokens}

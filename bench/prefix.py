@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,11 @@ def main() -> None:
     add_args(p)
     args = p.parse_args()
     result = measure(args)
-    common.save_results(f"prefix_block{args.prefix_block_size}" if args.prefix_block_size else "prefix", result)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    # the default measurement is section "prefix"; variants get their own, so they do not overwrite it
+    variant = "".join([f"_block{args.prefix_block_size}" if args.prefix_block_size else "",
+                       f"_{Path(args.prefix_model).name}" if args.prefix_model and args.prefix_model != "tiny" else ""])
+    common.save_results("prefix" + variant, result)
     print(json.dumps([{k: r[k] for k in ("case", "computed_ratio", "wall_ratio", "generated_tokens_ratio")}
                       for r in result["table"]], indent=2))
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import adaptive, common, overhead, prefix, scale
@@ -84,7 +84,22 @@ def _replay_table(ad: dict[str, Any], title: str) -> list[str]:
     for key, x in ad["replay"]["confident"].items():
         out.append(f"| confident, k={k}, {key} | {x['samples_saved']:.1%} | {x['tokens_saved']:.1%} | "
                    f"{x['winner_changed']:.1%} of {x['items']} |")
-    return out + ["", f"Exact rule kept every winner in this replay: **{ad['replay_exact_keeps_every_winner']}**.", ""]
+    out += ["", f"Exact rule kept every winner in this replay: **{ad['replay_exact_keeps_every_winner']}**.", ""]
+    fr = ad.get("rule_frontier")
+    if fr:
+        out += ["Where can the confident rule stop before the exact one at all? (pairs; both rules depend on the vote "
+                "totals only, so this is exact arithmetic, not a sample: the first sample count m at which some lead "
+                "makes confident stop while exact continues, and the mean lead per sample it needs, of at most 9)", "",
+                "| k, risk | first such m | lead per sample confident needs | exact needs at that m |", "|---|---|---|---|"]
+        for key, states in fr.items():
+            if states:
+                st = states[0]
+                out.append(f"| {key} | {st['m']} of {key.split()[0][2:]} | {st['confident_lead_per_sample']:.2f} | "
+                           f"> {st['exact_lead_per_sample']:.2f} |")
+            else:
+                out.append(f"| {key} | never | | |")
+        out.append("")
+    return out
 
 
 def render(r: dict[str, Any]) -> str:
@@ -110,16 +125,22 @@ def render(r: dict[str, Any]) -> str:
                 f"structured, meta RM off, model `{s['model']}`; engine_kwargs {s['engine_kwargs']}; "
                 f"env {s['env']}. Threads seen: plain engine {ov['plain_engine']['torch_threads']}, "
                 f"pipeline actor {pipe['actor']['torch_threads']}.", "",
-                "| side | generated tokens | seconds | tokens/s | engine CPU s |", "|---|---|---|---|---|"]
+                "| side | generated tokens | seconds | tokens/s | engine process CPU s | engine thread CPU s | "
+                "other processes' CPU s meanwhile (machine-wide) |",
+                "|---|---|---|---|---|---|---|"]
         for label, run_ in (("plain, one call (before)", b["one_call"]), ("plain, batches of batch_size (before)", b["batched"]),
                             ("plain, one call (after)", a.get("one_call")), ("plain, batches of batch_size (after)", a.get("batched"))):
             if run_:
                 out.append(f"| {label} | {run_['tokens']} | {run_['seconds']:.1f} | {run_['tokens'] / run_['seconds']:.1f} | "
-                           f"{f(run_.get('cpu_seconds'), 1)} |")
+                           f"{f(run_.get('cpu_seconds'), 1)} | {f(run_.get('thread_cpu_seconds'), 1)} | "
+                           f"{f(run_.get('machine_busy_others'), 1)} |")
         out.append(f"| pipeline, steady state (engine ready -> run() returns) | {pipe['summary']['generated_tokens']} | "
-                   f"{pipe['steady_seconds']:.1f} | {rt['pipeline_steady']:.1f} | {f(pipe.get('engine_cpu_seconds_in_calls'), 1)} |")
+                   f"{pipe['steady_seconds']:.1f} | {rt['pipeline_steady']:.1f} | "
+                   f"{f(pipe.get('engine_cpu_seconds_in_calls'), 1)} (in calls) | "
+                   f"{f(pipe.get('engine_thread_cpu_seconds_in_calls'), 1)} (in calls) | "
+                   f"{f(pipe.get('steady_machine_busy_others'), 1)} (not this job's) |")
         out.append(f"| pipeline, Ray start + whole run() incl. actor start | {pipe['summary']['generated_tokens']} | "
-                   f"{pipe['summary']['wall_seconds'] + pipe['ray_init_seconds']:.1f} | {rt['pipeline_incl_start']:.1f} | |")
+                   f"{pipe['summary']['wall_seconds'] + pipe['ray_init_seconds']:.1f} | {rt['pipeline_incl_start']:.1f} | | | |")
         busy = pipe["breakdown_seconds"]["engine_busy_in_calls"]
         out += ["",
                 f"Share of the pipeline's steady state spent inside GRM calls: {busy / pipe['steady_seconds']:.3f}.", "",
@@ -128,8 +149,11 @@ def render(r: dict[str, Any]) -> str:
                 f"plain batched / plain one call: {ov['batching_ratio']:.2f}; including start-up on both sides: "
                 f"{ov['ratio_incl_start']:.2f}; plain after / before (load drift): {f(ov['plain_drift'])}.", "",
                 "Pipeline steady-state time, seconds: " + ", ".join(f"{k} {v}" for k, v in pipe["breakdown_seconds"].items())
-                + f"; per GRM call {pipe['call_seconds']}; Ray init {pipe['ray_init_seconds']}; "
-                f"plain engine start {ov['plain_engine']['start_seconds']}.",
+                + f"; per GRM call {pipe['call_seconds']} (plain, batched: "
+                + ", ".join(str(x.get("call_seconds")) for x in (b["batched"], a.get("batched")) if x)
+                + f"); Ray init {pipe['ray_init_seconds']}; plain engine start {ov['plain_engine']['start_seconds']}. "
+                f"Warm-up (one short structured sample on the fresh engine, before either clock starts): plain "
+                f"{f(ov['plain_engine'].get('warmup_seconds'))} s, pipeline actor {f(pipe['actor'].get('warmup_seconds'))} s.",
                 f"CPU seconds used during the pipeline's steady state: {pipe.get('steady_cpu_seconds')}; "
                 f"CPU seconds per generated token {dict((k, round(v, 4)) for k, v in (ov.get('cpu_per_token') or {}).items())}; "
                 f"plain / pipeline CPU per token: {f(ov.get('cpu_ratio'))}.",
@@ -159,15 +183,17 @@ def render(r: dict[str, Any]) -> str:
                        f"(block size {pre['engines']['on'].get('block_size', '?')}: the prompt's last, partial block "
                        f"is recomputed by every sample).")
         out.append("")
-    for key in sorted(k for k in r if k.startswith("prefix_block")):
-        pb = r[key]
+    for key in sorted(k for k in r if k.startswith("prefix_")):
+        pb, ps = r[key], r[key]["settings"]
         bs = pb["engines"]["on"].get("block_size")
-        out += [f"Same cases with KV block size {bs} (`python -m bench.prefix --prefix-block-size {bs}`, "
-                f"{pb['settings']['repeats']} repeat(s)): computed ratio "
+        model = "demo" if "gemma" in ps["model"] else "tiny" if "tiny-models" in ps["model"] else Path(ps["model"]).name
+        out += [f"Variant `{key}` (a separate run on this machine{', ' + pb['date'] if pb.get('date') else ''}): "
+                f"model {model}, block size {bs}, {ps['items']} items per case, max_tokens {ps['max_tokens']}, "
+                f"{ps['repeats']} repeat(s): computed ratio "
                 + ", ".join(f"{t['case']} {t['computed_ratio']:.3f}" for t in pb["table"])
                 + "; wall ratio " + ", ".join(f"{t['case']} {t['wall_ratio']:.2f}" for t in pb["table"])
-                + "; tokens per extra sample " + ", ".join(f"{n} {v:.1f}" for n, v in pb["tail_per_extra_sample"].items())
-                + f" (model: (block - 1) / 2 = {(bs - 1) / 2:.1f}).", ""]
+                + ("; prompt tokens per extra sample " + ", ".join(f"{n} {v:.1f}" for n, v in pb["tail_per_extra_sample"].items())
+                   + f" (model: (block - 1) / 2 = {(bs - 1) / 2:.1f})" if pb.get("tail_per_extra_sample") else "") + ".", ""]
     ad = r.get("adaptive")
     if ad:
         s, lv = ad["settings"], ad["live"]

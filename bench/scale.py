@@ -13,7 +13,6 @@ RESULTS.md): generated tokens per sample, H100 decode and prefill throughput and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 

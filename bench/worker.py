@@ -28,9 +28,13 @@ def init(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     CFG = JobConfig(**cfg)
     ENGINE = GRMEngine(CFG)
+    from bench.timed import warm_up
+
+    warm = warm_up(ENGINE)  # as the pipeline side does before its clock starts (bench/timed.py)
     import torch
 
-    return {"start_seconds": round(time.perf_counter() - t0, 2), "torch_threads": torch.get_num_threads(),
+    return {"start_seconds": round(time.perf_counter() - t0, 2), "warmup_seconds": round(warm, 2),
+            "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1 (default)"),
             "pid": os.getpid(), "max_prompt_tokens": ENGINE.max_prompt_tokens,
@@ -70,14 +74,25 @@ def stage(input: str, overrides: dict[str, Any] | None = None, batch_size: int |
         ENGINE.llm.reset_prefix_cache()  # each timed pass starts cold, as a fresh pipeline actor does
     before = ENGINE.prefix_cache_stats()
     step = batch_size or table.num_rows
-    t0, c0 = time.perf_counter(), time.process_time()
-    parts = [apply(sampler, table.slice(s, step)) for s in range(0, table.num_rows, step)]
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    from bench.common import cpu_delta, machine_cpu
+
+    m0 = machine_cpu()
+    t0, c0, th0 = time.perf_counter(), time.process_time(), time.thread_time()
+    parts, call_seconds = [], []
+    for s in range(0, table.num_rows, step):
+        tc = time.perf_counter()
+        parts.append(apply(sampler, table.slice(s, step)))
+        call_seconds.append(round(time.perf_counter() - tc, 3))
+    seconds, cpu, thread_cpu = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - th0
+    machine = cpu_delta(m0, machine_cpu())
     samples = [s for p in parts for s in p.column("samples").to_pylist()]
     ids = [i for p in parts for i in p.column("id").to_pylist()]
     errors = [e for p in parts for e in p.column("error").to_pylist()]
     flat = [x for ss in samples for x in ss or []]
-    out = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "rows": table.num_rows, "calls": math_ceil(table.num_rows, step),
+    out = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "thread_cpu_seconds": round(thread_cpu, 3),
+           # everyone's CPU on the machine meanwhile, minus this process: the competition for the cores
+           "machine_busy_others": round(machine.get("busy", cpu) - cpu, 2), "machine_steal": machine.get("steal"),
+           "rows": table.num_rows, "call_seconds": call_seconds, "calls": math_ceil(table.num_rows, step),
            "samples": len(flat), "valid": sum(x["valid"] for x in flat),
            "repaired": sum(x["repaired"] for x in flat), "tokens": sum(x["n_tokens"] for x in flat),
            "error_rows": sum(e is not None for e in errors), "prefix_cache": _stats_delta(before)}

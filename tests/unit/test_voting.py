@@ -5,7 +5,7 @@ import math
 import random
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grm_ray.voting import decided_confident, decided_exact, lead, select_kept, unshuffle, vote
