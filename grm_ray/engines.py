@@ -105,12 +105,12 @@ class GRMEngine(_Engine):
         # Structured outputs on llguidance: it builds a matcher for our bounded regexes in milliseconds and
         # masks in ~0.1 ms/token (262k vocab). vLLM's auto choice, xgrammar, needs 8-17 s to compile
         # `[^\n]{1,400}` for such a vocab, past VLLM_REGEX_COMPILATION_TIMEOUT_S (5 s): samples get aborted.
+        # Chunked prefill off on CPU: vLLM 0.32 there crashes ("CPU Generator does not use offset") when a
+        # seeded request's sampled token is discarded mid-prefill, and every request here is seeded.
+        cpu = {} if device_defaults()["gpu"] else {"enable_chunked_prefill": False}
         self.llm = vllm.LLM(**llm_kwargs(cfg, cfg.model, disable_log_stats=False,
-                                         structured_outputs_config={"backend": "guidance"}))
+                                         structured_outputs_config={"backend": "guidance"}, **cpu))
         self._setup()
-        # vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a seeded request's sampled
-        # token is discarded during chunked prefill; there the engine's own seeded RNG is used instead.
-        self.per_request_seeds = device_defaults()["gpu"]
         # Room for the prompt; a sample cut at max_tokens still leaves room for its repair continuation.
         self.repair_reserve = _repair_tokens(cfg.max_responses)
         self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
@@ -122,7 +122,7 @@ class GRMEngine(_Engine):
                seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
         """ns[i] samples of rendered prompt i (which shows n_responses[i] responses), in one generate call.
 
-        With cfg.structured the output is forced into `parsing.score_regex(n_responses[i])`.
+        With cfg.structured the output is forced into `parsing.score_regex(n_responses[i], max_tokens)`.
         seeds[i] makes request i repeat exactly whatever the batch (a resumed run); the same prompt with the
         same seed repeats its samples, so vary it per adaptive round. Without seeds the engine's RNG
         (seeded by cfg.seed) is used: reproducible only for the same sequence of calls.
@@ -143,9 +143,9 @@ class GRMEngine(_Engine):
         params = [
             SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                            max_tokens=self.cfg.max_tokens, seed=seed,
-                           structured_outputs=StructuredOutputsParams(regex=parsing.score_regex(r))
+                           structured_outputs=StructuredOutputsParams(regex=parsing.score_regex(r, self.cfg.max_tokens))
                            if self.cfg.structured else None)
-            for n, r, seed in zip(ns, n_responses, seeds if self.per_request_seeds else [None] * len(ns))
+            for n, r, seed in zip(ns, n_responses, seeds)
         ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
         result = [[_generation(c) for c in o.outputs] for o in outs]

@@ -57,14 +57,18 @@ def parse_scores(text: str, n: int) -> list[int] | None:
     return scores
 
 
-def score_regex(n: int, free_chars: int = 400) -> str:
-    """Regex for structured decoding: one bounded free-text line, then a parseable score line.
+def score_regex(n: int, max_tokens: int = 1024) -> str:
+    """Regex for structured decoding: the prompt's three lines, the last one ending in a parseable box.
 
-    A single bounded part compiles fast; two bounded parts or an unbounded one do not work (DESIGN.md).
+    `Specific Criteria: ...`, `Analysis: ...`, `Scores: ... \\boxed{s1, ..., sn}` (GRM_SPEC 2.7). Each free
+    part is one bounded line, max_tokens characters for the criteria and twice that for the analysis, so
+    at a few characters per token the box closes before max_tokens (a sample cut anyway is repaired).
+    Bounded lines compile in milliseconds on llguidance.
     """
     score = "(10|[1-9])"
     box = ", ".join([score] * n)
-    return rf"Specific Criteria: [^\n]{{1,{free_chars}}}\nScores: \\boxed\{{{box}\}}"
+    return (rf"Specific Criteria: [^\n]{{1,{max_tokens}}}\nAnalysis: [^\n]{{1,{2 * max_tokens}}}\n"
+            rf"Scores: [^\n\\]{{0,100}}\\boxed\{{{box}\}}")
 
 
 def repair_regex(n: int) -> str:

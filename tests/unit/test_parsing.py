@@ -170,29 +170,39 @@ def test_parse_never_depends_on_the_responses(responses, scores, data):
 # --------------------------------------------------------------------------- structured-decoding regexes
 
 
+line = st.text(st.characters(blacklist_characters="\n\r"), min_size=1, max_size=400)
+
+
 @settings(max_examples=100, deadline=None)
-@given(scores=score_lists, criteria=st.text(st.characters(blacklist_characters="\n\r"),
-                                            min_size=1, max_size=400))
-def test_score_regex_accepts_a_well_formed_output(scores, criteria):
+@given(scores=score_lists, criteria=line, analysis=line, note=line.filter(lambda t: "\\" not in t))
+def test_score_regex_accepts_the_three_line_output(scores, criteria, analysis, note):
     n = len(scores)
-    text = f"Specific Criteria: {criteria}\nScores: {box(scores)}"
-    m = re.fullmatch(score_regex(n), text)
+    text = f"Specific Criteria: {criteria}\nAnalysis: {analysis}\nScores: {note[:99]} {box(scores)}"
+    m = re.fullmatch(score_regex(n, max_tokens=400), text)
     assert m is not None
     assert parse_scores(m.group(0), n) == scores
 
 
+def three(criteria="ok", analysis="fine", scores="\\boxed{8, 3}", note="") -> str:
+    return f"Specific Criteria: {criteria}\nAnalysis: {analysis}\nScores: {note}{scores}"
+
+
 def test_score_regex_rejects_bad_outputs():
     rx = score_regex(2)
-    assert re.fullmatch(rx, "Specific Criteria: ok\nScores: \\boxed{8, 3}")
-    assert not re.fullmatch(rx, "Specific Criteria: ok\nScores: \\boxed{8}")          # wrong n
-    assert not re.fullmatch(rx, "Specific Criteria: ok\nScores: \\boxed{0, 3}")       # out of range
-    assert not re.fullmatch(rx, "Specific Criteria: ok\nScores: \\boxed{11, 3}")
-    assert not re.fullmatch(rx, "Specific Criteria: \nScores: \\boxed{8, 3}")         # empty free part
-    assert not re.fullmatch(rx, "Specific Criteria: " + "a" * 401 + "\nScores: \\boxed{8, 3}")  # bounded
-    assert re.fullmatch(rx, "Specific Criteria: " + "a" * 400 + "\nScores: \\boxed{8, 3}")
-    assert re.fullmatch(score_regex(2, free_chars=10), "Specific Criteria: " + "a" * 10 + "\nScores: \\boxed{1, 10}")
-    assert not re.fullmatch(score_regex(2, free_chars=10), "Specific Criteria: " + "a" * 11
-                            + "\nScores: \\boxed{1, 10}")
+    assert re.fullmatch(rx, three())
+    assert re.fullmatch(rx, three(note="Response 1 is better. "))
+    assert not re.fullmatch(rx, three(scores="\\boxed{8}"))                       # wrong n
+    assert not re.fullmatch(rx, three(scores="\\boxed{0, 3}"))                    # out of range
+    assert not re.fullmatch(rx, three(scores="\\boxed{11, 3}"))
+    assert not re.fullmatch(rx, three(criteria=""))                                 # empty free part
+    assert not re.fullmatch(rx, three(analysis=""))
+    assert not re.fullmatch(rx, "Specific Criteria: ok\nScores: \\boxed{8, 3}")    # the analysis line is required
+    assert not re.fullmatch(rx, three(note="\\boxed{1, 1} "))                     # one box only, at the end
+    assert not re.fullmatch(rx, three(analysis="a\nb"))                            # each part is one line
+    small = score_regex(2, max_tokens=10)   # bounds: criteria 10 characters, analysis 20
+    assert re.fullmatch(small, three(criteria="a" * 10, analysis="b" * 20))
+    assert not re.fullmatch(small, three(criteria="a" * 11, analysis="b" * 20))     # bounded
+    assert not re.fullmatch(small, three(criteria="a" * 10, analysis="b" * 21))
 
 
 @settings(max_examples=100, deadline=None)
