@@ -232,13 +232,13 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
     ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
-    ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": grm_stage, "cfg": cfg},
-                        batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.grm_actors,
-                        max_restarts=-1, max_task_retries=-1, **res)
-    if cfg.meta_mode != "none":
-        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": MetaScorer, "cfg": cfg},
-                            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.meta_actors,
-                            max_restarts=-1, max_task_retries=-1, **res)
+    # Engine pools autoscale between MIN and MAX actors; Ray Data restarts a dead actor and retries its
+    # batch by default (max_restarts=-1, max_task_retries=-1).
+    for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
+            [(MetaScorer, cfg.meta_actors)] if cfg.meta_mode != "none" else []):
+        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
+                            batch_size=cfg.batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), **res)
     return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
                           num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
 
