@@ -54,9 +54,10 @@ def replay(item: dict[str, Any], n: int, k: int, sampler: Any) -> tuple[list[dic
     queues = {o: deque(list(q)[:full_counts.get(o, 0)]) for o, q in by_order.items()}
     round_size = sampler._round_size(n)
     rounds = -(-k // round_size)
+    first = sampler._first_round(n, round_size, rounds)
     drawn, seen = 0, []
     while True:
-        count = min(round_size, k - drawn)
+        count = min(round_size if drawn else first, k - drawn)
         for order, c in prompts.orderings(n, count, start=drawn):
             for _ in range(c):
                 seen.append(queues[tuple(order)].popleft())

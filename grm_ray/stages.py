@@ -150,12 +150,13 @@ class GRMSampler:
         drawn = {i: 0 for i in live}
         round_size = {i: self._round_size(len(rows[i][RESPONSES])) for i in live}
         rounds = {i: math.ceil(cfg.k / round_size[i]) for i in live}
+        first = {i: self._first_round(len(rows[i][RESPONSES]), round_size[i], rounds[i]) for i in live}
         while live:
             requests = []  # (row index, order, count, prompt, seed)
             for i in live:
                 r = rows[i]
                 n = len(r[RESPONSES])
-                count = min(round_size[i], cfg.k - drawn[i])
+                count = min(round_size[i] if drawn[i] else first[i], cfg.k - drawn[i])
                 for order, c in prompts.orderings(n, count, start=drawn[i]):
                     # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
                     seed = item_seed(cfg.seed, f"{r[ID]}/{drawn[i]}/{order}")
@@ -167,7 +168,7 @@ class GRMSampler:
                                       seeds=[q[4] for q in requests]) if requests else []
             self._record(rows, requests, gens, out)
             for i in live:
-                drawn[i] += min(round_size[i], cfg.k - drawn[i])
+                drawn[i] += min(round_size[i] if drawn[i] else first[i], cfg.k - drawn[i])
             live = [i for i in live if i not in too_long and not self._done(out[i], drawn[i], rounds[i])]
         return out
 
@@ -175,6 +176,15 @@ class GRMSampler:
         if self.cfg.adaptive == "off" or n < 2:
             return self.cfg.k
         return min(self.cfg.k, n)
+
+    def _first_round(self, n: int, size: int, rounds: int) -> int:
+        """Samples in an item's first round: the fewest (whole rounds) at which the rule could stop at all,
+        even if every sample were as lopsided as possible. Exact needs more than k/2; drawing those in one
+        call instead of k/(2n) small ones changes no decision and keeps the engine's batches large."""
+        for m in range(size, self.cfg.k, size):
+            if self._decided([[10] + [1] * (n - 1)] * m, self.cfg.k - m, rounds):
+                return m
+        return self.cfg.k
 
     def _hinted(self, row: Row) -> bool:
         return self.cfg.hint and row[LABEL] is not None and len(row[RESPONSES]) > 1
@@ -225,12 +235,14 @@ class GRMSampler:
         remaining = self.cfg.k - drawn
         if remaining <= 0:
             return True
-        valid = [s["scores"] for s in item[SAMPLES] if s["valid"]]
+        return self._decided([s["scores"] for s in item[SAMPLES] if s["valid"]], remaining, rounds)
+
+    def _decided(self, valid: list[list[int]], remaining: int, rounds: int) -> bool:
+        """The adaptive rule on the valid score rows so far, `remaining` samples still to come."""
         if not valid or len(valid[0]) < 2:
             return False
         if self.cfg.adaptive == "exact":
-            totals = [sum(col) for col in zip(*valid)]
-            return voting.decided_exact(totals, remaining)
+            return voting.decided_exact([sum(col) for col in zip(*valid)], remaining)
         return voting.decided_confident(valid, remaining, self.cfg.risk, rounds)
 
 

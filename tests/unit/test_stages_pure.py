@@ -435,7 +435,7 @@ def test_adaptive_exact_stops_early_on_a_clear_winner():
     # pairs: after 6 samples the lead is 42 > 9 x 2 remaining; lists: after 6, 42 > 9 x 2
     assert len(exact[0][S.SAMPLES]) == 6 and len(exact[1][S.SAMPLES]) == 6
     assert len(off[0][S.SAMPLES]) == 8
-    assert len(engine.calls) == 3  # three balanced rounds
+    assert len(engine.calls) == 1  # one first round of 6: with 4 drawn no lead (at most 36) beats 9 x 4
     vote = Vote(cfg(k=8))
     for i, r in enumerate(rows):
         a = vote([{**r, **off[i]}])[0]
@@ -445,12 +445,26 @@ def test_adaptive_exact_stops_early_on_a_clear_winner():
 
 
 def test_adaptive_rounds_continue_the_balanced_cycle():
-    # every response scores 5: never decided, so all k samples are drawn over rounds of n
+    # every response scores 5: never decided, so all k samples are drawn: a first round of 6 (the
+    # fewest whole rounds after which exact could stop), then rounds of n
     engine = FakeGRM(scorer=lambda r, j, p: 5)
     out = GRMSampler(cfg(k=7, adaptive="exact"), engine)([item("r", ["a", "b", "c"])])[0][S.SAMPLES]
     assert len(out) == 7
-    assert [sum(ns) for _, ns, _ in engine.calls] == [3, 3, 1]
+    assert [sum(ns) for _, ns, _ in engine.calls] == [6, 1]
     assert collections.Counter(tuple(s["order"]) for s in out) == {tuple(o): c for o, c in orderings(3, 7)}
+
+
+@pytest.mark.parametrize("k", [2, 3, 8, 9, 32])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_adaptive_first_round_is_the_earliest_possible_stop(k, n):
+    # exact can stop after m samples only if 9 x m > 9 x (k - m): the first round is the fewest whole
+    # rounds of n (or k) above k/2, and never a round more
+    engine = FakeGRM()
+    out = GRMSampler(cfg(k=k, adaptive="exact"), engine)([item("r", ["GOOD"] + ["bad"] * (n - 1))])[0][S.SAMPLES]
+    size = min(k, n)
+    earliest = next((m for m in range(size, k, size) if m > k / 2), k)
+    assert sum(engine.calls[0][1]) == earliest
+    assert len(out) <= k
 
 
 def test_adaptive_confident_stops_no_later_than_exact():
