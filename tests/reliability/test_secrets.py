@@ -4,6 +4,7 @@ included) or error messages. The runs get distinctive values; every artefact is 
 from __future__ import annotations
 
 import json
+import types
 import uuid
 from pathlib import Path
 
@@ -11,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-import rel_fakes
+import rel_stages
 from rel_util import SECRETS, free_port
 from grm_ray import storage
-from grm_ray.config import JobConfig
 
 pytestmark = [pytest.mark.ray]
 
@@ -63,26 +63,31 @@ def test_s3_credentials_never_written(cli_crash_run):
           "no credential found")
 
 
-@pytest.mark.timeout(300)
-def test_serve_token_never_logged_or_returned(ray_local):
-    """The Serve app (Ingress with its token; an engine-free sampler behind it) answers 401/400/500/200
-    without echoing the token; nothing in this Ray session's logs (Serve controller, proxy, replicas) holds it."""
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_serve_token_never_logged_or_returned(ray_local, tiny_config, monkeypatch):
+    """The product's Serve app (serve.build_app: Ingress with its token, the GRM Sampler on the tiny model's
+    real engine) answers 401/400/500/200 without echoing the token; nothing in this Ray session's logs (Serve
+    controller, proxy, replicas, vLLM) holds it. The 500 comes from a Sampler whose batch raises when a
+    request's first response is "RAISE" (rel_stages.failing_serve_sampler); every other request is sampled."""
     from ray import serve
 
-    from grm_ray.serve import APP_NAME, Ingress
+    from grm_ray import serve as grm_serve
 
-    rel_fakes.by_value()
+    rel_stages.by_value()
+    # build_app as it is, with the failing Sampler swapped in where it makes the deployment (patching the
+    # module's `Sampler` instead would make cloudpickle ship a copy of the real class by value)
+    failing = rel_stages.failing_serve_sampler("RAISE")
+    monkeypatch.setattr(grm_serve, "serve", types.SimpleNamespace(deployment=lambda cls, *a, **kw: serve.deployment(
+        failing if cls is grm_serve.Sampler else cls, *a, **kw)))
     token = f"relSERVEtoken-{uuid.uuid4().hex}"
-    cfg = JobConfig(model="fake", k=2).public()
+    cfg = tiny_config(k=2, max_tokens=48, max_model_len=1024, structured=True, batch_size=4, seed=1)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     replies = []
     try:
-        sampler = serve.deployment(rel_fakes.FakeServeSampler).options(
-            name="FakeSampler", ray_actor_options={"num_cpus": 0.1}).bind(cfg)
-        app = serve.deployment(Ingress).options(name="Ingress", ray_actor_options={"num_cpus": 0.1}).bind(
-            cfg, sampler, None, token, 60)
-        serve.run(app, name=APP_NAME + "-secrets", route_prefix="/")
+        serve.run(grm_serve.build_app(cfg, token, timeout_s=120), name=grm_serve.APP_NAME + "-secrets",
+                  route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         good = {"prompt": "Is 7 prime?", "responses": ["Yes.", "No."]}
         for headers, body, status in [
@@ -93,10 +98,12 @@ def test_serve_token_never_logged_or_returned(ray_local):
             ({"Authorization": f"Bearer {token}"}, {"prompt": "hi", "responses": ["RAISE", "b"]}, 500),
             ({"Authorization": f"Bearer {token}"}, good, 200),
         ]:
-            r = requests.post(url + "/score", json=body, headers=headers, timeout=60)
+            r = requests.post(url + "/score", json=body, headers=headers, timeout=120)
             assert r.status_code == status, (status, r.status_code, r.text)
             replies.append(f"{r.status_code} {dict(r.headers)} {r.text}")
-        assert r.json()["n_samples"] == 2  # the last, authorised request was scored
+        scored = r.json()  # the last, authorised request was scored by the engine
+        assert scored["n_samples"] == 2 and scored["error"] is None and len(scored["rewards"]) == 2
+        assert all(s["valid"] and s["text"] for s in scored["samples"])
         assert "scoring failed on the server" in replies[-2]
     finally:
         serve.shutdown()

