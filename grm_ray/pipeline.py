@@ -68,8 +68,7 @@ def plan(cfg: JobConfig, done: set[str]) -> Plan:
                 pf = pq.ParquetFile(f)
                 meta, schema = pf.metadata, pf.schema_arrow
                 if ID in schema.names:
-                    ids = pf.read(columns=[ID]).column(ID).to_pylist()
-                    id_counts.update(str(i) for i in ids if i is not None)
+                    id_counts.update(_ids(pf.read(columns=[ID]).column(ID)))
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, the rest still run
             p.bad_files[rel] = f"not a readable Parquet file: {type(e).__name__}: {e}"
             continue
@@ -92,6 +91,14 @@ def plan(cfg: JobConfig, done: set[str]) -> Plan:
                                 "fmt": fmt, "file_error": file_error, "dups": sorted(dups)})
             first += n
     return p
+
+
+def _ids(column: pa.ChunkedArray) -> list[str]:
+    """An id column as strings; an id that is not valid UTF-8 is that row's error later (Normalize), not
+    the file's, so its bytes are kept distinct here (surrogateescape) instead of failing the read."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return [b.decode("utf-8", "surrogateescape") for b in column.cast(pa.binary()).to_pylist() if b is not None]
+    return [str(i) for i in column.to_pylist() if i is not None]
 
 
 def _unify(schemas: list[tuple[str, pa.Schema]]) -> pa.Schema:
@@ -296,8 +303,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
         except Exception as e:  # a task or actor failed for good, after Ray's retries (traceback logged above)
-            raise JobError(f"the job stopped after committing {totals['rows']} new row(s): {_cause(e)}; "
+            try:  # counted in storage: the error can overtake the summaries of parts already committed
+                new = storage.read_committed(fs, out_dir, [SOURCE]).num_rows - p.skipped_rows
+            except Exception:  # noqa: BLE001 - storage may be the cause; the summaries seen are a lower bound
+                new = totals["rows"]
+            raise JobError(f"the job stopped after committing {new} new row(s): {_cause(e)}; "
                            "committed parts are kept: fix the cause and rerun the same command to resume") from e
+    storage.clean_temporaries(fs, out_dir)  # every task has ended: what a failed, retried write left goes
     summary = _verify(fs, out_dir, p)
     summary.update(new_rows=totals["rows"], samples=totals["samples"], valid_samples=totals["valid"],
                    generated_tokens=totals["tokens"], wall_seconds=round(time.time() - t0, 2),

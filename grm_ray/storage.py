@@ -143,7 +143,7 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     with _naming(fs, path, "write"):
         with fs.open(tmp, "w") as f:
             json.dump(data, f, indent=2, default=str)

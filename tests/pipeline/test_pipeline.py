@@ -113,6 +113,7 @@ def test_resume_after_interrupted_run(ray_local, tiny_cfg, tmp_path, hh_table):
     for p in lost:
         os.remove(p)
     (tmp_path / "out" / ".tmp-deadbeef.parquet").write_bytes(b"PAR1 half written")
+    (tmp_path / "out" / ".tmp-deadbeef-_job.json").write_text('{"status": "runn')  # a job-record write cut short
     kept_mtimes = {p: os.path.getmtime(p) for p in parts[2:]}
 
     summary = run(cfg)

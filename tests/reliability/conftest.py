@@ -108,6 +108,8 @@ def matrix_run(ray_local, tiny_config, hh_table, tmp_path_factory):
             "prompt": bad_utf8_strings([b"fine", b"bad \xff\xfe bytes",
                                         "ctl \x00\x07\x1b[31mred\x1b[0m \u202eevil \ud7ff".encode()]),
             "responses": [["a", "b"], ["a", "b"], ["\x00zero\x01", "tab\there\r\nline"]]}),
+        "utf8_id.parquet": pa.table({"id": bad_utf8_strings([b"id-ok", b"id-\xff-bad"]), "prompt": ["p", "q"],
+                                     "responses": [["a", "b"], ["a", "b"]]}),
         "huge.parquet": pa.table({"prompt": ["huge", "small"],
                                   "responses": [["x" * (4 << 20), "short"], ["a", "b"]]}),
         "dpo.parquet": pa.table({"prompt": ["Name a colour."], "chosen": ["Blue."], "rejected": ["Seven."]}),

@@ -127,6 +127,10 @@ def test_invalid_utf8_and_control_characters(matrix_run):
     ctl = m["rows"]["utf8.parquet#2"]  # control characters are text: kept verbatim and scored
     assert ctl["error"] is None and ctl["responses"] == ["\x00zero\x01", "tab\there\r\nline"]
     assert ctl["prompt"].startswith("ctl \x00\x07\x1b[31m")
+    # in the id column too, the row is the error, not the file: the other row keeps its id and is scored
+    assert err(m, "utf8_id.parquet", 0) is None and m["rows"]["utf8_id.parquet#0"]["id"] == "id-ok"
+    assert err(m, "utf8_id.parquet", 1) == \
+        "utf8_id.parquet, row 1: field 'id' is not valid UTF-8 (invalid start byte at byte 3)"
 
 
 @TIMEOUT
