@@ -127,8 +127,9 @@ def _valid_utf8(table: pa.Table) -> pa.Table:
 class GRMSampler:
     """Draw k GRM samples per item over balanced response orders; parse and un-shuffle their scores.
 
-    Adaptive modes draw one balanced round at a time and stop an item once the rule says more samples
-    cannot (exact) or are unlikely to (confident) change its plain-vote winner.
+    Adaptive modes draw a first round of the fewest samples at which their rule could stop, then one
+    balanced round at a time, and stop an item once the rule says more samples cannot (exact) or are
+    unlikely to (confident) change its plain-vote winner.
     """
 
     needs = (ID, MESSAGES, RESPONSES, LABEL, ERROR)
