@@ -96,14 +96,22 @@ def write_part(fs: fsspec.AbstractFileSystem, out_dir: str, table: pa.Table,
                metadata: dict[str, str]) -> str:
     """Write `table` atomically as a committed part: hidden temp name, then rename."""
     final = posixpath.join(out_dir, part_name(table.column("source").to_pylist()))
-    tmp = posixpath.join(out_dir, f".tmp-{uuid.uuid4().hex}.parquet")
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
         k.encode(): v.encode() for k, v in metadata.items()}})
-    with _naming(fs, final, "write"):
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        fs.mv(tmp, final)
+    with _atomic(fs, final, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
     return final
+
+
+@contextlib.contextmanager
+def _atomic(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterator[Any]:
+    """Write to a hidden `.tmp-*` name beside `path`, then rename: readers see the whole file or none, and
+    `clean_temporaries` removes what an interrupted write left. Errors name `path`."""
+    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    with _naming(fs, path, "write"):
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, path)
 
 
 def committed_parts(fs: fsspec.AbstractFileSystem, out_dir: str) -> list[str]:
@@ -143,11 +151,8 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict[str, Any]) -> None:
-    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with _naming(fs, path, "write"):
-        with fs.open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        fs.mv(tmp, path)
+    with _atomic(fs, path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
 
 
 def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
