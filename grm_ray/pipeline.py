@@ -214,7 +214,8 @@ def init_ray(cfg: JobConfig) -> bool:
     return True
 
 
-def _engine_resources(cfg: JobConfig) -> dict[str, Any]:
+def engine_resources(cfg: JobConfig) -> dict[str, Any]:
+    """Ray resources of one engine actor (batch pools and Serve replicas): cfg's, or one GPU if the cluster has any."""
     import ray
 
     gpus = cfg.gpus_per_actor
@@ -235,7 +236,7 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
     """
     import ray
 
-    res = _engine_resources(cfg)
+    res = engine_resources(cfg)
     ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})

@@ -299,14 +299,11 @@ def _scaling(pool: tuple[int, int], batch_size: int) -> dict[str, Any]:
     return {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": batch_size}}
 
 
-def build_app(cfg: JobConfig, token: Optional[str] = None, gpus_per_replica: Optional[float] = None,
-              timeout_s: float = 600.0):
-    """The Serve application: Ingress -> Sampler (-> Meta), sized from cfg's pools and resources."""
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (gpus_per_replica or 0.0)
-    actor: dict[str, Any] = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
-    if not gpus:  # CPU: engine in the replica's process; vLLM's spawned engine processes cost ~10 s each to start
-        actor["runtime_env"] = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
-    engine_opts = {"ray_actor_options": actor, "max_ongoing_requests": 2 * cfg.batch_size,
+def build_app(cfg: JobConfig, token: Optional[str] = None, timeout_s: float = 600.0):
+    """The Serve application: Ingress -> Sampler (-> Meta), sized from cfg's pools and resources (Ray is up)."""
+    from .pipeline import engine_resources
+
+    engine_opts = {"ray_actor_options": engine_resources(cfg), "max_ongoing_requests": 2 * cfg.batch_size,
                    "health_check_timeout_s": 120}
     data = cfg.public()
     sampler = serve.deployment(Sampler).options(
@@ -330,8 +327,6 @@ def serve_command(config: Optional[str] = None, host: str = "127.0.0.1", port: i
                   token: Optional[str] = None, detach: bool = False, timeout_s: float = 600.0,
                   **options: Any) -> int:
     """What `grm-ray serve` does: deploy, print the URL, block until Ctrl-C (or return with --detach)."""
-    import ray
-
     cfg = load_config(config, **options)
     token = token or os.environ.get(TOKEN_ENV) or None
     print("grm-ray serve, resolved config:\n" + json.dumps(cfg.public(), indent=2), flush=True)
@@ -341,9 +336,8 @@ def serve_command(config: Optional[str] = None, host: str = "127.0.0.1", port: i
     if detach and local:
         raise ConfigError("--detach needs a running cluster (--ray-address or RAY_ADDRESS): a local Ray "
                           "stops with this process")
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg, token, gpus_per_replica=gpus, timeout_s=timeout_s), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(cfg, token, timeout_s=timeout_s), name=APP_NAME, route_prefix="/")
     print(f"grm-ray serve: POST http://{host}:{port}/score "
           + ("(bearer token required)" if token else "(no token set: anyone who reaches this port can score)"),
           flush=True)
