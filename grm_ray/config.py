@@ -73,7 +73,9 @@ class JobConfig(BaseModel):
     cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per engine actor.")
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="vLLM memory share (of CPU memory on CPU); default 0.9 GPU / 0.3 CPU.")
-    batch_size: int = Field(16, ge=1, description="Items per engine call; larger keeps GPUs busier.")
+    batch_size: int = Field(32, ge=1, description="Items per batch of an engine actor; larger keeps GPUs busier.")
+    max_batches_in_flight: int = Field(
+        4, ge=1, description="Batches an engine actor works on at once; their requests share the engine's batch.")
     rows_per_file: int = Field(1000, ge=1, description="Rows per committed output part (the resume granularity).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
     # run

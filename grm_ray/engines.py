@@ -1,26 +1,33 @@
 """The vLLM engines: GRM sampling and meta-RM scoring. The only module that imports vllm.
 
-Every engine is a plain `vllm.LLM` with prefix caching on: the k samples of an item share one prompt per
-ordering (SamplingParams.n), and the meta RM's k inputs share the conversation + responses prefix.
+Every engine is vLLM's async engine (`AsyncLLM`) with prefix caching on: requests are submitted one at a
+time as the stages need them and join the engine's running batch at once (continuous batching), so a slow
+sample never holds back the next item, its repair or its next adaptive round. The k samples of an item share
+one prompt per ordering (SamplingParams.n), and the meta RM's k inputs share the conversation + responses
+prefix.
 
-Prompts go to vLLM as token ids that we encode ourselves, so `count_tokens` is exactly what the engine sees.
-Special tokens: a chat template renders its own (<bos> etc.), so its output is encoded without adding any,
-as `LLM.chat` does; a model without a template (the fallbacks) gets the tokenizer's default ones.
+Prompts go to vLLM as token ids that we encode once ourselves: the same ids serve the length check, the
+request, and a repair continuation (prompt ids + the sample's own output ids). Special tokens: a chat
+template renders its own (<bos> etc.), so its output is encoded without adding any, as `LLM.chat` does; a
+model without a template (the fallbacks) gets the tokenizer's default ones.
 
-Processes: vLLM V1 runs the engine core in a child process by default (and on CPU a further worker process
-for OpenMP binding); inside a Ray actor it must and does use `spawn`. On CPU each spawn re-imports vllm
-and torch (about 10 s each here), and the automatic OpenMP binding reserves one core for the scheduler, so
-on a 2-core machine the model runs on one core. `VLLM_ENABLE_V1_MULTIPROCESSING=0` runs everything in
-the calling process (actor): faster start, threads follow OMP_NUM_THREADS (Ray sets it to the actor's
-num_cpus), but `torch.set_num_threads` is disabled process-wide afterwards. Set it in the actor's
-runtime_env on CPU; on GPU keep vLLM's default.
+Threads and processes: each engine runs its own asyncio loop on a daemon thread; every vLLM call happens
+there. Async callers (Ray actors with several batches in flight, Serve replicas) await it from their own
+loop (`asample`, `arepair`, `ascore`); scripts and tests use the blocking `sample`, `repair`, `score`.
+AsyncLLM always runs the engine core in a spawned child process (VLLM_ENABLE_V1_MULTIPROCESSING does
+not apply to it): on CPU that costs about 10 s of start-up (re-importing vllm and torch); the core's
+threads follow OMP_NUM_THREADS, which Ray sets to the actor's num_cpus.
 """
 from __future__ import annotations
 
+import asyncio
+import atexit
+import itertools
 import logging
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence
 
 from . import parsing, prompts
 from .config import JobConfig
@@ -43,6 +50,7 @@ class Generation:
     text: str
     n_tokens: int
     finish_reason: str  # "stop" (EOS / pattern complete), "length" (hit max_tokens), rarely "error" (vLLM abort)
+    token_ids: Sequence[int] = ()  # the sample's own output tokens: a repair continues from them
 
 
 def device_defaults() -> dict[str, Any]:
@@ -54,7 +62,7 @@ def device_defaults() -> dict[str, Any]:
 
 
 def llm_kwargs(cfg: JobConfig, model: str, **extra: Any) -> dict[str, Any]:
-    """The vllm.LLM arguments for one engine: job config first, then `extra`, then cfg.engine_kwargs.
+    """AsyncEngineArgs of one engine: job config first, then `extra`, then cfg.engine_kwargs.
 
     On CPU, `kv_cache_memory_bytes` (engine_kwargs) sizes the KV cache directly and wins over
     gpu_memory_utilization, which otherwise must cover the worker's RSS plus the cache.
@@ -71,15 +79,62 @@ def llm_kwargs(cfg: JobConfig, model: str, **extra: Any) -> dict[str, Any]:
 
 
 class _Engine:
-    """Shared plumbing: tokenizer, rendering, exact token counts."""
+    """Shared plumbing: the engine's own event loop, tokenizer, rendering, exact token counts."""
 
     llm: Any
     cfg: JobConfig
 
-    def _setup(self) -> None:
+    def _start(self, **engine_args: Any) -> None:
+        """Build the AsyncLLM on a private loop thread, where its output handler and every request run."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="grm-ray-vllm", daemon=True).start()
+        self._ids = itertools.count()
+
+        async def build() -> Any:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+
+        self.llm = self._wait(build())
+        atexit.register(self.close)  # before interpreter teardown: the engine core stops cleanly, no noise
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+        self.max_model_len: int = self.llm.model_config.max_model_len
         self._add_special = not getattr(self.tokenizer, "chat_template", None)
+
+    def _wait(self, coro: Awaitable) -> Any:
+        """Block until `coro` has run on the engine's loop (constructors, scripts, tests)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _request(self, stream: Any) -> Any:
+        """Await one request's final output from any loop; cancelling the caller aborts the request."""
+        async def final() -> Any:
+            out = None
+            async for out in stream:
+                pass
+            return out
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(final(), self._loop))
+
+    def _generate(self, ids: Sequence[int], params: Any) -> Awaitable:
+        from vllm.inputs import TokensPrompt
+
+        return self._request(self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params,
+                                               request_id=f"grm-ray-{next(self._ids)}"))
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: Any) -> list[Any]:
+        """Blocking: vLLM's raw RequestOutputs of token-id prompts, all in flight at once (tests, bench/)."""
+        async def run() -> list[Any]:
+            return list(await asyncio.gather(*(self._generate(p, params) for p in prompt_ids)))
+
+        return self._wait(run())
+
+    def close(self) -> None:
+        """Stop the engine core process and the loop thread (idempotent)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            self._loop.call_soon_threadsafe(self._loop.stop)
 
     def render(self, user_text: str) -> str:
         """One user message through the model's chat template (or cfg.chat_fallback), ready to generate."""
@@ -94,12 +149,33 @@ class _Engine:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.encode(texts)]
 
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache (bench/: every timed pass starts cold, as a fresh pipeline actor does)."""
+        self._wait(self.llm.reset_prefix_cache())
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences the engine runs at once at most: what the batches in flight should be able to fill."""
+        return self.llm.vllm_config.scheduler_config.max_num_seqs
+
+    @property
+    def block_size(self) -> int:
+        """KV-cache block size: the prefix cache serves whole blocks only."""
+        return self.llm.vllm_config.cache_config.block_size
+
+
+def _final_only() -> dict[str, Any]:
+    """One output per request, holding all n samples: no per-token messages from the engine."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return {"output_kind": RequestOutputKind.FINAL_ONLY}
+
 
 class GRMEngine(_Engine):
     """Samples GRM critiques: one request per (prompt, ordering) with n samples."""
 
     def __init__(self, cfg: JobConfig):
-        vllm = _vllm()
+        _vllm()
         self.cfg = cfg
         # Stats on: prefix_cache_stats() reads vLLM's counters (it also logs throughput every 10 s).
         # Structured outputs on llguidance: it builds a matcher for our bounded regexes in milliseconds and
@@ -108,9 +184,8 @@ class GRMEngine(_Engine):
         # Chunked prefill off on CPU: vLLM 0.32 there crashes ("CPU Generator does not use offset") when a
         # seeded request's sampled token is discarded mid-prefill, and every request here is seeded.
         cpu = {} if device_defaults()["gpu"] else {"enable_chunked_prefill": False}
-        self.llm = vllm.LLM(**llm_kwargs(cfg, cfg.model, disable_log_stats=False,
-                                         structured_outputs_config={"backend": "guidance"}, **cpu))
-        self._setup()
+        self._start(**llm_kwargs(cfg, cfg.model, disable_log_stats=False,
+                                 structured_outputs_config={"backend": "guidance"}, **cpu))
         # Room for the prompt; a sample cut at max_tokens still leaves room for its repair continuation.
         self.repair_reserve = _repair_tokens(cfg.max_responses)
         self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
@@ -118,64 +193,70 @@ class GRMEngine(_Engine):
             raise ValueError(f"max_tokens ({cfg.max_tokens}) leaves no room for a prompt in max_model_len "
                              f"{self.max_model_len}: lower max_tokens or raise max_model_len")
 
-    def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
-               seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
-        """ns[i] samples of rendered prompt i (which shows n_responses[i] responses), in one generate call.
+    async def asample(self, prompt_ids: Sequence[Sequence[int]], ns: Sequence[int], n_responses: Sequence[int],
+                      seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
+        """ns[i] samples of prompt i (token ids of a rendered prompt showing n_responses[i] responses).
 
+        All requests enter the engine's running batch at once, beside whatever else is in flight.
         With cfg.structured the output is forced into `parsing.score_regex(n_responses[i], max_tokens)`.
-        seeds[i] makes request i repeat exactly whatever the batch (a resumed run); the same prompt with the
-        same seed repeats its samples, so vary it per adaptive round. Without seeds the engine's RNG
-        (seeded by cfg.seed) is used: reproducible only for the same sequence of calls.
+        seeds[i] makes request i repeat exactly whatever else runs beside it (a resumed run); the same prompt
+        with the same seed repeats its samples, so vary it per adaptive round. Without seeds the engine's
+        RNG (seeded by cfg.seed) is used: reproducible only for the same sequence of requests.
         Raises ValueError naming the first prompt longer than max_prompt_tokens; nothing is generated then.
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
-        seeds = list(seeds) if seeds is not None else [None] * len(prompts_)
-        if not len(prompts_) == len(ns) == len(n_responses) == len(seeds):
+        seeds = list(seeds) if seeds is not None else [None] * len(prompt_ids)
+        if not len(prompt_ids) == len(ns) == len(n_responses) == len(seeds):
             raise ValueError("sample(): prompts, ns, n_responses (and seeds) must have the same length")
-        ids = self.encode(prompts_)
-        for i, p in enumerate(ids):
+        for i, p in enumerate(prompt_ids):
             if len(p) > self.max_prompt_tokens:
                 raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_tokens "
                                  f"{self.max_prompt_tokens}: filter rows with count_tokens() first")
         params = [
             SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                           max_tokens=self.cfg.max_tokens, seed=seed,
+                           max_tokens=self.cfg.max_tokens, seed=seed, **_final_only(),
                            structured_outputs=StructuredOutputsParams(regex=parsing.score_regex(r, self.cfg.max_tokens))
                            if self.cfg.structured else None)
             for n, r, seed in zip(ns, n_responses, seeds)
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
-        result = [[_generation(c) for c in o.outputs] for o in outs]
+        outs = await asyncio.gather(*(self._generate(p, sp) for p, sp in zip(prompt_ids, params)))
+        result = [[_generation(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
         failed = sum(g.finish_reason == "error" for gens in result for g in gens)
         if failed:  # e.g. a structured-output grammar that did not compile within VLLM_REGEX_COMPILATION_TIMEOUT_S
             log.warning("vLLM aborted %d samples (finish_reason 'error'); they stay unparsed", failed)
         return result
 
-    def repair(self, prefixes: Sequence[str], n_responses: Sequence[int]) -> list[Generation]:
+    def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
+               seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
+        """Blocking `asample` of rendered prompt texts (encoded here), for scripts and tests."""
+        return self._wait(self.asample(self.encode(prompts_), ns, n_responses, seeds))
+
+    async def arepair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
         """Finish samples cut at max_tokens: greedy, forced to `parsing.repair_regex(n)`; returns the continuation.
 
-        prefix = rendered prompt + the cut sample text. A prefix with no room left in the context gets an
-        empty "length" generation (the sample stays invalid) instead of failing the batch.
+        prefix = the prompt's token ids + the cut sample's own `token_ids` (never re-tokenised text). A prefix
+        with no room left in the context gets an empty "length" generation (the sample stays invalid) instead
+        of failing the batch.
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
-        ids = self.encode(prefixes)
-        todo = [i for i, (p, r) in enumerate(zip(ids, n_responses))
+        todo = [i for i, (p, r) in enumerate(zip(prefix_ids, n_responses))
                 if len(p) + _repair_tokens(r) <= self.max_model_len]
-        params = [SamplingParams(temperature=0.0, max_tokens=_repair_tokens(n_responses[i]),
+        params = [SamplingParams(temperature=0.0, max_tokens=_repair_tokens(n_responses[i]), **_final_only(),
                                  structured_outputs=StructuredOutputsParams(regex=parsing.repair_regex(n_responses[i])))
                   for i in todo]
-        result = [Generation("", 0, "length") for _ in prefixes]
-        if todo:
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in todo], params, use_tqdm=False)
-            for i, o in zip(todo, outs):
-                result[i] = _generation(o.outputs[0])
+        result = [Generation("", 0, "length") for _ in prefix_ids]
+        outs = await asyncio.gather(*(self._generate(prefix_ids[i], sp) for i, sp in zip(todo, params)))
+        for i, o in zip(todo, outs):
+            result[i] = _generation(o.outputs[0])
         return result
+
+    def repair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
+        """Blocking `arepair`."""
+        return self._wait(self.arepair(prefix_ids, n_responses))
 
     def prefix_cache_stats(self) -> dict[str, int]:
         """Cumulative prompt tokens looked up in / served from the prefix cache: {'queries': .., 'hits': ..}.
@@ -183,8 +264,10 @@ class GRMEngine(_Engine):
         vLLM keeps these in process-wide Prometheus counters, which a later engine with stats on resets:
         exact with one GRMEngine per process (one per Ray actor).
         """
+        from vllm.v1.metrics.reader import get_metrics_snapshot
+
         stats = {"queries": 0, "hits": 0}
-        for m in self.llm.get_metrics():
+        for m in get_metrics_snapshot():
             if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
                 stats[m.name.rsplit("_", 1)[1]] += int(m.value)
         return stats
@@ -194,20 +277,19 @@ class MetaEngine(_Engine):
     """Rates GRM samples: a sequence-classification meta RM (raw logit) or a generative yes/no judge."""
 
     def __init__(self, cfg: JobConfig):
-        vllm = _vllm()
+        _vllm()
         self.cfg = cfg
         self.mode = cfg.meta_mode
         if self.mode == "classifier":
             from vllm.config import PoolerConfig
 
             # use_activation=False: the raw logit (GRM_SPEC 5), not the sigmoid vLLM applies for 1 label.
-            self.llm = vllm.LLM(**llm_kwargs(cfg, cfg.meta_model, runner="pooling",
-                                             pooler_config=PoolerConfig(use_activation=False)))
+            self._start(**llm_kwargs(cfg, cfg.meta_model, runner="pooling",
+                                     pooler_config=PoolerConfig(use_activation=False)))
         elif self.mode == "judge":
-            self.llm = vllm.LLM(**llm_kwargs(cfg, cfg.meta_model or cfg.model))
+            self._start(**llm_kwargs(cfg, cfg.meta_model or cfg.model))
         else:
             raise ValueError(f"MetaEngine needs meta_mode classifier or judge, not {self.mode!r}")
-        self._setup()
         if self.mode == "judge":
             self.yes_id, self.no_id = (self._answer_token(w) for w in ("yes", "no"))
 
@@ -225,14 +307,14 @@ class MetaEngine(_Engine):
                                                add_generation_prompt=False)
         return self.render(prompts.judge_prompt(conversation, responses, sample_text))
 
-    def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
+    async def ascore(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
         """One float per (conversation, responses in shown order, sample text); higher = better sample.
 
         classifier: the meta RM's raw logit. judge: logprob('yes') - logprob('no') of the first answer token,
         read exactly from the full-vocabulary distribution (SamplingParams.logprob_token_ids).
         An item longer than the context gets NaN (logged) instead of failing the batch.
         """
-        from vllm import SamplingParams
+        from vllm import PoolingParams, SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = self.encode([self.render_item(*it) for it in items])
@@ -242,21 +324,25 @@ class MetaEngine(_Engine):
             log.warning("meta RM: %d of %d items exceed the context (%d tokens) and get NaN",
                         len(ids) - len(fits), len(ids), limit)
         result = [math.nan] * len(ids)
-        batch = [TokensPrompt(prompt_token_ids=ids[i]) for i in fits]
-        if not batch:
-            return result
         if self.mode == "classifier":
-            outs = self.llm.classify(batch, use_tqdm=False)
+            params = PoolingParams(task="classify")
+            outs = await asyncio.gather(*(self._request(self.llm.encode(
+                TokensPrompt(prompt_token_ids=ids[i]), params, request_id=f"grm-ray-{next(self._ids)}"))
+                for i in fits))
             for i, o in zip(fits, outs):
-                result[i] = float(o.outputs.probs[0])
+                result[i] = float(o.outputs.data[0])
         else:
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[self.yes_id, self.no_id])
-            outs = self.llm.generate(batch, params, use_tqdm=False)
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[self.yes_id, self.no_id],
+                                    **_final_only())
+            outs = await asyncio.gather(*(self._generate(ids[i], params) for i in fits))
             for i, o in zip(fits, outs):
                 lp = o.outputs[0].logprobs[0]
                 result[i] = lp[self.yes_id].logprob - lp[self.no_id].logprob
         return result
 
+    def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
+        """Blocking `ascore`."""
+        return self._wait(self.ascore(items))
 
 def _repair_tokens(n: int) -> int:
     """Token budget of a repair: '\\nScores: \\boxed{' (up to ~12 tokens), ~4 per score, EOS."""
@@ -264,4 +350,5 @@ def _repair_tokens(n: int) -> int:
 
 
 def _generation(c: Any) -> Generation:
-    return Generation(text=c.text, n_tokens=len(c.token_ids), finish_reason=str(c.finish_reason or "length"))
+    return Generation(text=c.text, n_tokens=len(c.token_ids), finish_reason=str(c.finish_reason or "length"),
+                      token_ids=list(c.token_ids))

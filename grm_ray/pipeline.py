@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .config import JobConfig
 from .schema import ERROR, ID, NORMALIZED, OUTPUT_FIELDS, SOURCE, VOTED, detect_format, required_columns
-from .stages import GRMSampler, MetaScorer, Normalize, Vote, apply
+from .stages import GRMSampler, MetaScorer, Normalize, Vote, aapply, apply
 
 log = logging.getLogger(__name__)
 LIGHT_CPUS = 0.25  # read / vote / write tasks: light, and must not starve the engine actors of slots
@@ -157,13 +157,27 @@ def _conform(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
 
 
 class _StageActor:
-    """Holds one stage (and its engine) for the life of a Ray actor."""
+    """Holds one stage (and its engine) for the life of a Ray actor. Async: with `max_concurrency` the actor
+    takes cfg.max_batches_in_flight batches at once, and their requests share the engine's running batch."""
 
     def __init__(self, stage_cls: type, cfg: JobConfig):
         self.stage = stage_cls(cfg)
+        warn_if_underfed(cfg, getattr(self.stage.engine, "max_num_seqs", None), type(self.stage).__name__)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return apply(self.stage, table)
+    async def __call__(self, table: pa.Table) -> pa.Table:
+        return await aapply(self.stage, table)
+
+
+def warn_if_underfed(cfg: JobConfig, max_num_seqs: int | None, stage: str) -> bool:
+    """Warn (and return True) when a pool's batches cannot fill the engine: batch_size x k x batches in flight
+    sequences at most, against the engine's max_num_seqs (as ray.data.llm warns for its vLLM stage)."""
+    most = cfg.batch_size * cfg.k * cfg.max_batches_in_flight
+    if max_num_seqs is None or most >= max_num_seqs:
+        return False
+    log.warning("%s: at most %d sequences in flight (batch_size %d x k %d x max_batches_in_flight %d), below the "
+                "engine's max_num_seqs %d: raise batch_size or max_batches_in_flight to keep it busy",
+                stage, most, cfg.batch_size, cfg.k, cfg.max_batches_in_flight, max_num_seqs)
+    return True
 
 
 def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str]) -> pa.Table:
@@ -241,12 +255,14 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
     # Engine pools autoscale between MIN and MAX actors; Ray Data restarts a dead actor and retries its
-    # batch by default (max_restarts=-1, max_task_retries=-1).
+    # batches by default (max_restarts=-1, max_task_retries=-1). max_concurrency: the async actor runs that
+    # many batches at once (Ray Data submits up to twice as many tasks per actor, so the next is queued).
     for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
             [(MetaScorer, cfg.meta_actors)] if cfg.meta_mode != "none" else []):
         ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), **res)
+                            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                            max_concurrency=cfg.max_batches_in_flight, **res)
     return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
                           num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
 

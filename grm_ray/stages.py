@@ -6,6 +6,7 @@ checks one output per input and keeps every other column as it was. Rows that al
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -25,13 +26,25 @@ Row = dict[str, Any]
 
 def apply(stage: Any, table: pa.Table) -> pa.Table:
     """Run `stage` on a table: rows of its `needs` in, rows of its `adds` out, same order and count."""
+    return _columns(stage, table, stage(_needed_rows(stage, table)))
+
+
+async def aapply(stage: Any, table: pa.Table) -> pa.Table:
+    """`apply` for a stage with an async `acall` (the engine stages): the caller's loop keeps other batches going."""
+    return _columns(stage, table, await stage.acall(_needed_rows(stage, table)))
+
+
+def _needed_rows(stage: Any, table: pa.Table) -> list[Row]:
     missing = [c for c in stage.needs if c not in table.column_names]
     if missing:
         raise KeyError(f"{type(stage).__name__} needs columns {missing}; the batch has {table.column_names}")
-    rows = table.select(list(stage.needs)).to_pylist()
-    out = stage(rows)
-    if len(out) != len(rows):
-        raise RuntimeError(f"{type(stage).__name__} returned {len(out)} rows for {len(rows)}")
+    return table.select(list(stage.needs)).to_pylist()
+
+
+def _columns(stage: Any, table: pa.Table, out: list[Row]) -> pa.Table:
+    """The stage's `adds` columns from its output rows, set on (or appended to) the input table."""
+    if len(out) != table.num_rows:
+        raise RuntimeError(f"{type(stage).__name__} returned {len(out)} rows for {table.num_rows}")
     for field in stage.adds:
         column = pa.array([r[field.name] for r in out], type=field.type)
         if field.name in table.column_names:
@@ -143,35 +156,37 @@ class GRMSampler:
         self.engine = engine
 
     def __call__(self, rows: list[Row]) -> list[Row]:
-        cfg = self.cfg
+        """Blocking `acall` (tests, scripts, serve's worker thread)."""
+        return asyncio.run(self.acall(rows))
+
+    async def acall(self, rows: list[Row]) -> list[Row]:
+        """One output per row, in order; every item runs on its own, so the engine never waits on a batch."""
         out: list[Row] = [{SAMPLES: None, ERROR: r[ERROR]} for r in rows]
-        live = [i for i, r in enumerate(rows) if r[ERROR] is None]
-        for i in live:
-            out[i][SAMPLES] = []
-        drawn = {i: 0 for i in live}
-        round_size = {i: self._round_size(len(rows[i][RESPONSES])) for i in live}
-        rounds = {i: math.ceil(cfg.k / round_size[i]) for i in live}
-        first = {i: self._first_round(len(rows[i][RESPONSES]), round_size[i], rounds[i]) for i in live}
-        while live:
-            requests = []  # (row index, order, count, prompt, seed)
-            for i in live:
-                r = rows[i]
-                n = len(r[RESPONSES])
-                count = min(round_size[i] if drawn[i] else first[i], cfg.k - drawn[i])
-                for order, c in prompts.orderings(n, count, start=drawn[i]):
-                    # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
-                    seed = item_seed(cfg.seed, f"{r[ID]}/{drawn[i]}/{order}")
-                    requests.append((i, order, c, self._prompt(r, order), seed))
-            too_long = self._check_lengths(requests, out)
-            requests = [q for q in requests if q[0] not in too_long]
-            gens = self.engine.sample([q[3] for q in requests], [q[2] for q in requests],
-                                      [len(rows[q[0]][RESPONSES]) for q in requests],
-                                      seeds=[q[4] for q in requests]) if requests else []
-            self._record(rows, requests, gens, out)
-            for i in live:
-                drawn[i] += min(round_size[i] if drawn[i] else first[i], cfg.k - drawn[i])
-            live = [i for i in live if i not in too_long and not self._done(out[i], drawn[i], rounds[i])]
+        await asyncio.gather(*(self._item(r, o) for r, o in zip(rows, out) if r[ERROR] is None))
         return out
+
+    async def _item(self, row: Row, out: Row) -> None:
+        """All rounds of one item: each round's requests (one per ordering) go out together, its repairs as
+        soon as its samples are back, the next round as soon as the adaptive rule asks for it."""
+        cfg, n = self.cfg, len(row[RESPONSES])
+        out[SAMPLES] = []
+        size = self._round_size(n)
+        rounds = math.ceil(cfg.k / size)
+        first = self._first_round(n, size, rounds)
+        drawn = 0
+        while True:
+            count = min(size if drawn else first, cfg.k - drawn)
+            orders = prompts.orderings(n, count, start=drawn)
+            ids = self.engine.encode([self._prompt(row, order) for order, _ in orders])  # tokenised once
+            if self._too_long(ids, out):
+                return
+            # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
+            seeds = [item_seed(cfg.seed, f"{row[ID]}/{drawn}/{order}") for order, _ in orders]
+            gens = await self.engine.asample(ids, [c for _, c in orders], [n] * len(orders), seeds=seeds)
+            await self._record(row, orders, ids, gens, out)
+            drawn += count
+            if self._done(out, drawn, rounds):
+                return
 
     def _round_size(self, n: int) -> int:
         if self.cfg.adaptive == "off" or n < 2:
@@ -195,36 +210,33 @@ class GRMSampler:
         text = prompts.render_grm_prompt(row[MESSAGES], [row[RESPONSES][j] for j in order], hint=hint)
         return self.engine.render(text)
 
-    def _check_lengths(self, requests: list, out: list[Row]) -> set[int]:
-        """Rows whose prompt would not fit the context get an error instead of sinking the batch."""
+    def _too_long(self, ids: list[list[int]], out: Row) -> bool:
+        """A row whose prompt would not fit the context gets an error instead of sinking the batch."""
         limit = self.engine.max_prompt_tokens
-        bad: set[int] = set()
-        for (i, *_), n_tok in zip(requests, self.engine.count_tokens([q[3] for q in requests])):
-            if n_tok > limit and i not in bad:
-                bad.add(i)
-                out[i][SAMPLES] = None
-                out[i][ERROR] = (f"prompt is {n_tok} tokens, above the {limit} that fit the model context "
-                                 "(max_model_len - max_tokens - repair room); raise max_model_len "
-                                 "or shorten the conversation")
-        return bad
+        n_tok = max(len(p) for p in ids)
+        if n_tok <= limit:
+            return False
+        out[SAMPLES] = None
+        out[ERROR] = (f"prompt is {n_tok} tokens, above the {limit} that fit the model context "
+                      "(max_model_len - max_tokens - repair room); raise max_model_len or shorten the conversation")
+        return True
 
-    def _record(self, rows: list[Row], requests: list, gens: list, out: list[Row]) -> None:
-        repairs = []  # (sample dict, prompt, n)
-        for (i, order, _, prompt, _), samples in zip(requests, gens):
-            n = len(order)
+    async def _record(self, row: Row, orders: list, ids: list[list[int]], gens: list, out: Row) -> None:
+        repairs = []  # (sample dict, prefix token ids)
+        n = len(row[RESPONSES])
+        for (order, _), prompt_ids, samples in zip(orders, ids, gens):
             for g in samples:
                 s = {"order": order, "text": g.text, "scores": None, "valid": False, "meta_score": None,
-                     "kept": False, "repaired": False, "hinted": self._hinted(rows[i]),
-                     "n_tokens": g.n_tokens}
+                     "kept": False, "repaired": False, "hinted": self._hinted(row), "n_tokens": g.n_tokens}
                 shown = parse_scores(g.text, n)
                 if shown is not None:
                     s.update(scores=voting.unshuffle(shown, order), valid=True)
-                elif g.finish_reason == "length":
-                    repairs.append((s, prompt, n))
-                out[i][SAMPLES].append(s)
+                elif g.finish_reason == "length":  # continue from the prompt's and the sample's own tokens
+                    repairs.append((s, list(prompt_ids) + list(g.token_ids)))
+                out[SAMPLES].append(s)
         if repairs:
-            tails = self.engine.repair([p + s["text"] for s, p, _ in repairs], [n for _, _, n in repairs])
-            for (s, _, n), tail in zip(repairs, tails):
+            tails = await self.engine.arepair([p for _, p in repairs], [n] * len(repairs))
+            for (s, _), tail in zip(repairs, tails):
                 s["text"] += tail.text
                 s["n_tokens"] += tail.n_tokens
                 s["repaired"] = True
@@ -260,15 +272,19 @@ class MetaScorer:
         self.engine = engine
 
     def __call__(self, rows: list[Row]) -> list[Row]:
-        targets, items = [], []
-        for r in rows:
-            for s in (r[SAMPLES] or []) if r[ERROR] is None else []:
-                if s["valid"]:
-                    targets.append(s)
-                    items.append((r[MESSAGES], [r[RESPONSES][j] for j in s["order"]], s["text"]))
-        for s, score in zip(targets, self.engine.score(items) if items else []):
-            s["meta_score"] = score
+        """Blocking `acall`."""
+        return asyncio.run(self.acall(rows))
+
+    async def acall(self, rows: list[Row]) -> list[Row]:
+        """Each row's valid samples go to the engine as soon as the row is reached; rows do not wait on each other."""
+        await asyncio.gather(*(self._row(r) for r in rows if r[ERROR] is None and r[SAMPLES]))
         return [{SAMPLES: r[SAMPLES]} for r in rows]
+
+    async def _row(self, row: Row) -> None:
+        targets = [s for s in row[SAMPLES] if s["valid"]]
+        items = [(row[MESSAGES], [row[RESPONSES][j] for j in s["order"]], s["text"]) for s in targets]
+        for s, score in zip(targets, await self.engine.ascore(items) if items else []):
+            s["meta_score"] = score
 
 
 class Vote:

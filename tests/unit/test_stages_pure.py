@@ -29,6 +29,7 @@ except Exception:  # noqa: BLE001
         text: str
         n_tokens: int
         finish_reason: str = "stop"
+        token_ids: tuple = ()
 
 HH_FILE = Path("/work/shared/data/hh_rlhf_harmless_test_first300.jsonl")
 
@@ -240,11 +241,20 @@ def good_scorer(response: str, j: int, prompt: str) -> int:
     return 9 if "GOOD" in response else 2
 
 
+TOKEN = re.compile(r"\S+\s*|\s+")
+
+
+def tokens(text: str) -> list[str]:
+    """The fakes' "token ids": words with their trailing whitespace, so joining them gives the text back."""
+    return TOKEN.findall(text)
+
+
 class FakeGRM:
-    """Deterministic stand-in for the vLLM GRM engine.
+    """Deterministic stand-in for the vLLM GRM engine (its async seam: encode, asample, arepair).
 
     Each prompt's j-th sample (counted across calls) scores the shown responses with `scorer`; `cut(prompt, j)`
-    makes a sample end at max_tokens without a box.
+    makes a sample end at max_tokens without a box. `calls` holds one (prompts, ns, n_responses) per
+    asample call (one per item and round), `repairs` one (prefixes, n_responses) per arepair call.
     """
 
     def __init__(self, scorer=good_scorer, max_prompt_tokens=100_000, cut=None, repair_text=None):
@@ -258,14 +268,18 @@ class FakeGRM:
     def render(self, text: str) -> str:
         return f"<|user|>\n{text}<|end|>\n<|assistant|>\n"
 
+    def encode(self, texts):
+        return [tokens(t) for t in texts]
+
     def count_tokens(self, texts):
-        return [len(t.split()) for t in texts]
+        return [len(ids) for ids in self.encode(texts)]
 
     def shown(self, prompt: str) -> list[str]:
         return shown_responses(prompt)
 
-    def sample(self, prompts, ns, n_responses, seeds=None):
-        self.calls.append((list(prompts), list(ns), list(n_responses)))
+    async def asample(self, prompt_ids, ns, n_responses, seeds=None):
+        prompts = ["".join(p) for p in prompt_ids]
+        self.calls.append((prompts, list(ns), list(n_responses)))
         out = []
         for p, count, n in zip(prompts, ns, n_responses):
             assert p.startswith("<|user|>\n") and p.endswith("<|assistant|>\n")  # rendered once, by render()
@@ -278,17 +292,18 @@ class FakeGRM:
                 j = self.drawn[p]
                 self.drawn[p] += 1
                 if self.cut and self.cut(p, j):
-                    gens.append(Generation("Specific Criteria: depth.\nAnalysis: Response 1 goes on and on",
-                                           64, "length"))
+                    text = "Specific Criteria: depth.\nAnalysis: Response 1 goes on and on"
+                    gens.append(Generation(text, 64, "length", tokens(text)))
                     continue
                 scores = [self.scorer(r, j, p) for r in shown]
                 verdict = "correct" if j % 2 == 0 else "other"
-                gens.append(Generation(f"Specific Criteria: accuracy (100%).\nAnalysis: {verdict}.\n"
-                                       f"Scores: ok {box(scores)}", 30, "stop"))
+                text = f"Specific Criteria: accuracy (100%).\nAnalysis: {verdict}.\nScores: ok {box(scores)}"
+                gens.append(Generation(text, 30, "stop", tokens(text)))
             out.append(gens)
         return out
 
-    def repair(self, prefixes, n_responses):
+    async def arepair(self, prefix_ids, n_responses):
+        prefixes = ["".join(p) for p in prefix_ids]
         self.repairs.append((list(prefixes), list(n_responses)))
         out = []
         for prefix, n in zip(prefixes, n_responses):
@@ -306,7 +321,7 @@ class FakeMeta:
     def __init__(self):
         self.items = []
 
-    def score(self, items):
+    async def ascore(self, items):
         self.items.extend(items)
         out = []
         for messages, shown, text in items:
@@ -331,8 +346,8 @@ def test_sampler_scores_land_on_the_original_responses():
             item("one", ["GOOD alone"])]
     engine = FakeGRM()
     out = GRMSampler(cfg(k=8), engine)(rows)
-    assert len(engine.calls) == 1  # adaptive off: one engine call for the batch
-    prompts, ns, n_resp = engine.calls[0]
+    assert len(engine.calls) == 3  # adaptive off: one engine call per item
+    ns, n_resp = (sum((c[i] for c in engine.calls), []) for i in (1, 2))
     # one request per ordering with n = its share of k
     assert ns == [c for _, c in orderings(2, 8)] + [c for _, c in orderings(4, 8)] + [8]
     assert n_resp == [2, 2, 4, 4, 4, 4, 1]
@@ -417,8 +432,8 @@ def test_failed_repair_stays_invalid_but_marked():
 
 def test_unparseable_sample_that_stopped_normally_is_not_repaired():
     class NoBox(FakeGRM):
-        def sample(self, prompts, ns, n_responses, seeds=None):
-            self.calls.append((list(prompts), list(ns), list(n_responses)))
+        async def asample(self, prompt_ids, ns, n_responses, seeds=None):
+            self.calls.append((["".join(p) for p in prompt_ids], list(ns), list(n_responses)))
             return [[Generation("Analysis: no scores given.", 12, "stop") for _ in range(c)] for c in ns]
 
     engine = NoBox()
@@ -435,7 +450,7 @@ def test_adaptive_exact_stops_early_on_a_clear_winner():
     # pairs: after 6 samples the lead is 42 > 9 x 2 remaining; lists: after 6, 42 > 9 x 2
     assert len(exact[0][S.SAMPLES]) == 6 and len(exact[1][S.SAMPLES]) == 6
     assert len(off[0][S.SAMPLES]) == 8
-    assert len(engine.calls) == 1  # one first round of 6: with 4 drawn no lead (at most 36) beats 9 x 4
+    assert len(engine.calls) == 2  # one first round of 6 per item: with 4 drawn no lead (at most 36) beats 9 x 4
     vote = Vote(cfg(k=8))
     for i, r in enumerate(rows):
         a = vote([{**r, **off[i]}])[0]
