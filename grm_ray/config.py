@@ -60,6 +60,13 @@ class JobConfig(BaseModel):
     hint: bool = Field(False, description="Append 'The best response is: Response X' from the label (RFT data).")
     chat_fallback: Literal["plain", "gemma"] = Field(
         "plain", description="How to render prompts for a model without a chat template.")
+    engine: Literal["vllm", "openai"] = Field(
+        "vllm", description="GRM engine: vllm (engine actors) or openai (an existing OpenAI-compatible server).")
+    base_url: Optional[str] = Field(None, description="For engine=openai: the server's URL, e.g. http://host:8000/v1.")
+    api_key_env: Optional[str] = Field(
+        None, description="For engine=openai: environment variable holding the API key (never logged).")
+    openai_max_concurrency: int = Field(64, ge=1, description="For engine=openai: requests in flight per actor.")
+    openai_retries: int = Field(5, ge=0, description="For engine=openai: retries of a 429 / 5xx / timed-out request.")
     # meta RM
     meta_mode: Literal["none", "classifier", "judge"] = Field(
         "none", description="classifier: a sequence-classification meta RM; judge: yes/no logprobs.")
@@ -103,6 +110,8 @@ class JobConfig(BaseModel):
     def _check(self) -> "JobConfig":
         if self.k_meta is not None and self.k_meta > self.k:
             raise ValueError(f"k_meta ({self.k_meta}) cannot exceed k ({self.k})")
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("engine=openai needs base_url (the OpenAI-compatible server, e.g. http://host:8000/v1)")
         if self.meta_mode == "classifier" and not self.meta_model:
             raise ValueError("meta_mode=classifier needs meta_model (a sequence-classification model)")
         return self

@@ -45,6 +45,10 @@ def _vllm():
     return vllm
 
 
+class RequestFailed(RuntimeError):
+    """A server request that failed for good (after retries): the item gets this as its row error."""
+
+
 @dataclass
 class Generation:
     text: str
@@ -352,3 +356,117 @@ def _repair_tokens(n: int) -> int:
 def _generation(c: Any) -> Generation:
     return Generation(text=c.text, n_tokens=len(c.token_ids), finish_reason=str(c.finish_reason or "length"),
                       token_ids=list(c.token_ids))
+
+
+class OpenAIEngine:
+    """GRM sampling from an existing OpenAI-compatible server (`--engine openai --base-url URL`): the same seam
+    as GRMEngine (encode, asample, arepair), so GRMSampler runs unchanged, in an actor that holds no model.
+
+    Prompts are rendered and tokenised here, with the model's tokenizer (cfg.model: the served model's name
+    or path, loadable locally), and sent as token ids to /v1/completions: one request per ordering with
+    n = its samples and its seed; a repair continues from prompt ids + the sample's token ids (returned by
+    vLLM's `return_token_ids`; re-encoded from the text on servers without it). Structured decoding uses
+    vLLM's `structured_outputs` field. At most cfg.openai_max_concurrency requests are in flight per actor;
+    429 and 5xx answers are retried with backoff (openai client, cfg.openai_retries). The API key is read
+    from the environment variable named by cfg.api_key_env and never logged or stored.
+    """
+
+    def __init__(self, cfg: JobConfig):
+        import os
+
+        import openai
+        from transformers import AutoTokenizer
+
+        if not cfg.base_url:
+            raise ValueError("engine openai needs base_url (the server's URL, e.g. http://127.0.0.1:8000/v1)")
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        if cfg.api_key_env and not key:
+            raise ValueError(f"api_key_env names {cfg.api_key_env}, but that environment variable is not set")
+        self.cfg = cfg
+        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key or "none",
+                                         max_retries=cfg.openai_retries, timeout=600.0)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self._add_special = not getattr(self.tokenizer, "chat_template", None)
+        self._limit = asyncio.Semaphore(cfg.openai_max_concurrency)
+        self.max_model_len = cfg.max_model_len or self._served_max_model_len()
+        self.repair_reserve = _repair_tokens(cfg.max_responses)
+        self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_tokens ({cfg.max_tokens}) leaves no room for a prompt in max_model_len "
+                             f"{self.max_model_len}: lower max_tokens or raise max_model_len")
+
+    render = _Engine.render
+    encode = _Engine.encode
+    count_tokens = _Engine.count_tokens
+
+    def _served_max_model_len(self) -> int:
+        """vLLM lists each model's context length in /v1/models; other servers need cfg.max_model_len."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.client.api_key}"}
+        r = httpx.get(self.cfg.base_url.rstrip("/") + "/models", headers=headers, timeout=30)
+        r.raise_for_status()
+        for m in r.json().get("data", []):
+            if m.get("id") == self.cfg.model and m.get("max_model_len"):
+                return int(m["max_model_len"])
+        raise ValueError(f"the server at {self.cfg.base_url} does not say the context length of {self.cfg.model!r}: "
+                         "set max_model_len (and check that model names the served model)")
+
+    async def _complete(self, prompt_ids: Sequence[int], **params: Any) -> Any:
+        import openai
+
+        extra = {"return_token_ids": True, **params.pop("extra_body", {})}
+        async with self._limit:
+            try:
+                return await self.client.completions.create(model=self.cfg.model, prompt=list(prompt_ids),
+                                                            extra_body=extra, **params)
+            except openai.APIStatusError as e:  # the server's own message; never the request's headers
+                raise RequestFailed(f"the OpenAI-compatible server answered {e.status_code}: {e.message}") from None
+            except openai.APIError as e:
+                raise RequestFailed(f"the OpenAI-compatible server could not be reached: {type(e).__name__}") from None
+
+    def _generation(self, choice: Any) -> Generation:
+        ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
+        if ids is None:
+            ids = self.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
+        return Generation(text=choice.text, n_tokens=len(ids), finish_reason=str(choice.finish_reason or "length"),
+                          token_ids=list(ids))
+
+    async def asample(self, prompt_ids: Sequence[Sequence[int]], ns: Sequence[int], n_responses: Sequence[int],
+                      seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
+        """As GRMEngine.asample, over HTTP."""
+        seeds = list(seeds) if seeds is not None else [None] * len(prompt_ids)
+        for i, p in enumerate(prompt_ids):
+            if len(p) > self.max_prompt_tokens:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_prompt_tokens "
+                                 f"{self.max_prompt_tokens}: filter rows with count_tokens() first")
+
+        async def one(p: Sequence[int], n: int, r: int, seed: int | None) -> list[Generation]:
+            extra = {"structured_outputs": {"regex": parsing.score_regex(r, self.cfg.max_tokens)}} \
+                if self.cfg.structured else {}
+            out = await self._complete(p, n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                       max_tokens=self.cfg.max_tokens, seed=seed, extra_body=extra)
+            return [self._generation(c) for c in sorted(out.choices, key=lambda c: c.index)]
+
+        return list(await asyncio.gather(*(one(*a) for a in zip(prompt_ids, ns, n_responses, seeds))))
+
+    async def arepair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
+        """As GRMEngine.arepair, over HTTP (greedy, forced to the repair regex)."""
+        async def one(p: Sequence[int], r: int) -> Generation:
+            if len(p) + _repair_tokens(r) > self.max_model_len:
+                return Generation("", 0, "length")
+            out = await self._complete(p, temperature=0.0, max_tokens=_repair_tokens(r),
+                                       extra_body={"structured_outputs": {"regex": parsing.repair_regex(r)}})
+            return self._generation(out.choices[0])
+
+        return list(await asyncio.gather(*(one(p, r) for p, r in zip(prefix_ids, n_responses))))
+
+    def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
+               seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
+        """Blocking `asample` of rendered prompt texts (scripts and tests)."""
+        return asyncio.run(self.asample(self.encode(prompts_), ns, n_responses, seeds))
+
+
+def grm_engine(cfg: JobConfig) -> Any:
+    """The GRM engine cfg.engine names: a local vLLM engine, or an OpenAI-compatible server."""
+    return OpenAIEngine(cfg) if cfg.engine == "openai" else GRMEngine(cfg)

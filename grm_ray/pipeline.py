@@ -259,10 +259,12 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
     # many batches at once (Ray Data submits up to twice as many tasks per actor, so the next is queued).
     for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
             [(MetaScorer, cfg.meta_actors)] if cfg.meta_mode != "none" else []):
+        # engine=openai: the GRM actors only send HTTP requests, they hold no model
+        remote = {"num_cpus": LIGHT_CPUS} if cfg.engine == "openai" and stage is not MetaScorer else res
         ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                            max_concurrency=cfg.max_batches_in_flight, **res)
+                            max_concurrency=cfg.max_batches_in_flight, **remote)
     return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
                           num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
 

@@ -10,8 +10,9 @@ Three deployments, each autoscaling between the config's MIN,MAX like the job's 
     Ingress (CPU: token, validation, vote)  ->  Sampler (GRM engine; grm_actors)  ->  Meta (meta RM; meta_actors)
 
 Engines are built once per replica. A request's k / k_meta only change how the stages use them (a
-GRMSampler / Vote over a config copy, sharing the replica's engine). Concurrent requests are batched per
-replica (serve.batch) into one engine call, which runs on the replica's one engine thread.
+GRMSampler / Vote over a config copy, sharing the replica's engine). The engines are vLLM's async engine:
+a request's samples join the engine's running batch as soon as it arrives, beside requests already
+generating (continuous batching), instead of waiting for a batch call to end.
 Every bad request gets a 4xx with {"error": message}; the bearer token, when set, is checked first.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ import math
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -173,60 +173,37 @@ def result_json(request: ScoreRequest, voted: dict[str, Any]) -> dict[str, Any]:
 
 
 class _EngineReplica:
-    """Builds a stage's engine once, on the replica's one engine thread, and runs every engine call there."""
+    """Builds a stage's engine once per replica; requests then await it on the replica's event loop."""
 
     def __init__(self, cfg_data: dict[str, Any], build):
         self.cfg = JobConfig.model_validate(cfg_data)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grm-ray-engine")
         t0 = time.perf_counter()
-        self.engine = self.pool.submit(build, self.cfg).result()
+        self.engine = build(self.cfg)
         log.info("%s engine ready in %.1f s", type(self).__name__, time.perf_counter() - t0)
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
 
 class Sampler(_EngineReplica):
-    """Holds one GRM engine; batches concurrent requests (grouped by k) into one GRMSampler call."""
+    """Holds one GRM engine (vLLM's async engine): each request's samples join its running batch at once,
+    even while other requests are mid-generation."""
 
     def __init__(self, cfg_data: dict[str, Any]):
         super().__init__(cfg_data, lambda cfg: GRMSampler(cfg).engine)
-        self.sample.set_max_batch_size(self.cfg.batch_size)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def sample(self, items: list[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
-        return await self._run(self._sample, items)
-
-    def _sample(self, items: list[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any] | None] = [None] * len(items)
-        for k in sorted({k for _, k in items}):
-            idx = [i for i, (_, kk) in enumerate(items) if kk == k]
-            stage = GRMSampler(self.cfg.model_copy(update={"k": k}), engine=self.engine)
-            rows = [items[i][0] for i in idx]
-            results = stage(rows)
-            if len(results) != len(rows):
-                raise RuntimeError(f"GRMSampler returned {len(results)} rows for {len(rows)}")
-            for i, row, res in zip(idx, rows, results):
-                out[i] = {**row, **res}
-        return out  # type: ignore[return-value]
+    async def sample(self, item: tuple[dict[str, Any], int]) -> dict[str, Any]:
+        row, k = item
+        (res,) = await GRMSampler(self.cfg.model_copy(update={"k": k}), engine=self.engine).acall([row])
+        return {**row, **res}
 
 
 class Meta(_EngineReplica):
-    """Holds one meta RM engine; rates the samples of batched requests in one MetaScorer call."""
+    """Holds one meta RM engine; a request's samples are rated as soon as it arrives."""
 
     def __init__(self, cfg_data: dict[str, Any]):
         super().__init__(cfg_data, lambda cfg: MetaScorer(cfg).engine)
-        self.score.set_max_batch_size(self.cfg.batch_size)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def score(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await self._run(self._score, rows)
-
-    def _score(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results = MetaScorer(self.cfg, engine=self.engine)(rows)
-        if len(results) != len(rows):
-            raise RuntimeError(f"MetaScorer returned {len(results)} rows for {len(rows)}")
-        return [{**row, **res} for row, res in zip(rows, results)]
+    async def score(self, row: dict[str, Any]) -> dict[str, Any]:
+        (res,) = await MetaScorer(self.cfg, engine=self.engine).acall([row])
+        return {**row, **res}
 
 
 class Ingress:
@@ -303,7 +280,8 @@ def build_app(cfg: JobConfig, token: Optional[str] = None, timeout_s: float = 60
     """The Serve application: Ingress -> Sampler (-> Meta), sized from cfg's pools and resources (Ray is up)."""
     from .pipeline import engine_resources
 
-    engine_opts = {"ray_actor_options": engine_resources(cfg), "max_ongoing_requests": 2 * cfg.batch_size,
+    engine_opts = {"ray_actor_options": engine_resources(cfg),
+                   "max_ongoing_requests": cfg.batch_size * cfg.max_batches_in_flight,
                    "health_check_timeout_s": 120}
     data = cfg.public()
     sampler = serve.deployment(Sampler).options(

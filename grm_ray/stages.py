@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from . import prompts, voting
 from .config import JobConfig
+from .engines import RequestFailed
 from .parsing import parse_scores
 from .schema import (ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES, SOURCE,
                      VOTED, RowError, normalize)
@@ -151,8 +152,8 @@ class GRMSampler:
     def __init__(self, cfg: JobConfig, engine: Any = None):
         self.cfg = cfg
         if engine is None:
-            from .engines import GRMEngine
-            engine = GRMEngine(cfg)
+            from .engines import grm_engine
+            engine = grm_engine(cfg)
         self.engine = engine
 
     def __call__(self, rows: list[Row]) -> list[Row]:
@@ -182,8 +183,12 @@ class GRMSampler:
                 return
             # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
             seeds = [item_seed(cfg.seed, f"{row[ID]}/{drawn}/{order}") for order, _ in orders]
-            gens = await self.engine.asample(ids, [c for _, c in orders], [n] * len(orders), seeds=seeds)
-            await self._record(row, orders, ids, gens, out)
+            try:
+                gens = await self.engine.asample(ids, [c for _, c in orders], [n] * len(orders), seeds=seeds)
+                await self._record(row, orders, ids, gens, out)
+            except RequestFailed as e:  # a server engine gave up on this item: its row says why, the rest go on
+                out.update({SAMPLES: None, ERROR: str(e)})
+                return
             drawn += count
             if self._done(out, drawn, rounds):
                 return

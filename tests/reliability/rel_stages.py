@@ -43,6 +43,7 @@ class Hooks:
     tag: str = "stage"
     hold_before_call: int | None = None
     hold_after_call: int | None = None
+    hold_from_call: int | None = None
 
     def __init__(self, cfg):
         super().__init__(cfg)  # builds the real engine
@@ -57,7 +58,7 @@ class Hooks:
         call = self._calls
         if self.tag_dir:
             _write(os.path.join(self.tag_dir, f"call-{self.tag}-{os.getpid()}-{call}"), {})
-        if call == self.hold_before_call:
+        if call == self.hold_before_call or (self.hold_from_call and call >= self.hold_from_call):
             await self._hold()
         out = await super().acall(rows)
         if call == self.hold_after_call:
@@ -73,7 +74,7 @@ class Hooks:
 
 
 def hooked(stage_cls: type, tag_dir: str, tag: str, hold_before_call: int | None = None,
-           hold_after_call: int | None = None) -> type:
+           hold_after_call: int | None = None, hold_from_call: int | None = None) -> type:
     """`stage_cls` with its real engine, plus:
 
     - once its engine is built, each instance leaves `tag_dir/<tag>-<pid>` holding its RSS and USS then
@@ -81,11 +82,12 @@ def hooked(stage_cls: type, tag_dir: str, tag: str, hold_before_call: int | None
       MapWorker(_StageActor)) and knows its memory before any batch;
     - each call leaves `tag_dir/call-<tag>-<pid>-<n>` as it starts (n counts the calls of that instance);
     - call number `hold_before_call` waits, before the real call, while `tag_dir/gate` exists;
-      call number `hold_after_call` waits likewise after it (the batch is sampled but not yet handed on).
+      call number `hold_after_call` waits likewise after it (the batch is sampled but not yet handed on);
+      every call from number `hold_from_call` on waits before the real call (batches pile up in flight).
     """
     return type(f"Hooked{stage_cls.__name__}", (Hooks, stage_cls),
                 {"tag_dir": tag_dir, "tag": tag, "hold_before_call": hold_before_call,
-                 "hold_after_call": hold_after_call})
+                 "hold_after_call": hold_after_call, "hold_from_call": hold_from_call})
 
 
 def tag_files(tag_dir, tag: str) -> dict[int, dict]:
@@ -100,13 +102,13 @@ def tag_files(tag_dir, tag: str) -> dict[int, dict]:
 
 
 def failing_serve_sampler(marker: str) -> type:
-    """grm_ray.serve.Sampler on its real GRM engine, except that a batch holding a request whose first
+    """grm_ray.serve.Sampler on its real GRM engine, except that a request whose first
     response is `marker` raises before sampling: the server's error path (HTTP 500), on demand."""
     from grm_ray import serve as grm_serve
 
-    def _sample(self, items):
-        if any(row["responses"][0] == marker for row, _ in items):
+    async def sample(self, item):
+        if item[0]["responses"][0] == marker:
             raise RuntimeError("injected sampler failure")
-        return grm_serve.Sampler._sample(self, items)
+        return await grm_serve.Sampler.sample(self, item)
 
-    return type("Sampler", (grm_serve.Sampler,), {"_sample": _sample})
+    return type("Sampler", (grm_serve.Sampler,), {"sample": sample})

@@ -3,6 +3,7 @@ small deterministic FAKE engine (pure bookkeeping only: orders, un-shuffling, ad
 prompts). No model, no Ray."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import random
@@ -631,3 +632,54 @@ def test_pure_chain_on_tables_keeps_every_row():
     for r in (rows[0], rows[1], rows[3]):
         assert sum(s["kept"] for s in r["samples"]) == 2
         assert all(s["meta_score"] == 1.0 for s in r["samples"])
+
+
+# =========================================================================== no batch drains
+
+class SlowFake(FakeGRM):
+    """FakeGRM whose requests take time, like a real engine: a prompt containing SLOW takes 0.5 s, others
+    0.01 s. `log` records (event, item response text) in the order the engine sees them."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.log: list[tuple[str, str]] = []
+
+    async def asample(self, prompt_ids, ns, n_responses, seeds=None):
+        who = "slow" if any("SLOW" in "".join(p) for p in prompt_ids) else "fast"
+        self.log.append(("sample", who))
+        await asyncio.sleep(0.5 if who == "slow" else 0.01)
+        return await super().asample(prompt_ids, ns, n_responses, seeds)
+
+    async def arepair(self, prefix_ids, n_responses):
+        self.log.append(("repair", "slow" if any("SLOW" in "".join(p) for p in prefix_ids) else "fast"))
+        return await super().arepair(prefix_ids, n_responses)
+
+
+def test_an_items_repair_and_next_round_do_not_wait_for_the_batch():
+    # never decided (all 5s), so adaptive exact draws every round; the fast item's first samples are cut
+    engine = SlowFake(scorer=lambda r, j, p: 5, cut=lambda p, j: j == 0 and "SLOW" not in p)
+    rows = [item("slow", ["SLOW a", "b"]), item("fast", ["a", "b"])]
+    out = GRMSampler(cfg(k=8, adaptive="exact"), engine)(rows)
+    first_slow_done = engine.log.index(("sample", "slow")) + 1
+    fast = [e for e in engine.log[:first_slow_done + 3] if e[1] == "fast"]
+    # while the slow item's first round is still out, the fast one has been repaired and drawn its next round
+    assert fast[:3] == [("sample", "fast"), ("repair", "fast"), ("sample", "fast")]
+    assert engine.log.index(("repair", "fast")) < engine.log.index(("sample", "slow"), first_slow_done)
+    assert [len(r[S.SAMPLES]) for r in out] == [8, 8]  # one output per input, in order
+    assert out[0][S.SAMPLES][0]["order"] is not None and not any(s["repaired"] for s in out[0][S.SAMPLES])
+    assert any(s["repaired"] for s in out[1][S.SAMPLES])
+
+
+def test_batches_in_flight_at_once_give_what_one_at_a_time_gives():
+    from grm_ray.stages import aapply
+
+    batches = [Normalize(cfg(k=4))(pa.table({"prompt": [f"Q{b}{i}?" for i in range(3)],
+                                            "responses": [["GOOD", "meh"], ["x", "GOOD y", "z"], ["only"]]}),
+                                  f"b{b}.parquet", [0, 1, 2], "responses") for b in range(3)]
+    one_by_one = [apply(GRMSampler(cfg(k=4), SlowFake()), t) for t in batches]
+
+    async def together():
+        stage = GRMSampler(cfg(k=4), SlowFake())
+        return await asyncio.gather(*(aapply(stage, t) for t in batches))
+
+    assert [t.to_pylist() for t in asyncio.run(together())] == [t.to_pylist() for t in one_by_one]
