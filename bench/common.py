@@ -47,10 +47,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default 2048 CPU, 4096 GPU)")
     p.add_argument("--input", default=None,
                    help="a Parquet file of preference rows (default: the packaged HH-RLHF rows, cycled)")
+    p.add_argument("--free", action="store_true",
+                   help="free (unstructured) decoding: sample lengths vary widely, as a real GRM's critiques do")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per engine, both sides (the pipeline's cpus_per_actor); ignored on GPU")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "grm-ray-bench"),
                    help="scratch space: inputs, outputs, worker logs")
+
+
+FREE = [False]  # set from --free by the entry points (bench.run_all, bench.race): every config of the run
 
 
 def pick(value: Any, quick: Any, full: Any, is_full: bool) -> Any:
@@ -96,7 +101,7 @@ def job_config(model_kind: str, workdir: str | Path, *, input: str, output: str,
     model, fallback = resolve_model(model_kind, workdir)
     gpu = has_gpu()
     base = dict(
-        input=input, output=output, model=model, chat_fallback=fallback, structured=True, k=k,
+        input=input, output=output, model=model, chat_fallback=fallback, structured=not FREE[0], k=k,
         max_tokens=max_tokens, max_model_len=max_model_len or (4096 if gpu else 2048), meta_mode="none",
         batch_size=batch_size, rows_per_file=12, overwrite=True, seed=0, cpus_per_actor=threads,
         engine_kwargs=engine_kwargs(model_kind, max_model_len),

@@ -32,6 +32,7 @@ def main() -> None:
     g = p.add_argument_group("scale on paper (4)")
     scale.assumptions_parser(g)
     args = p.parse_args()
+    common.FREE[0] = args.free
 
     t0 = time.time()
     run = {"command": "python -m bench.run_all " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -29,14 +29,14 @@ def one_pass(side: str, items: int, k: int, max_tokens: int) -> float:
     cfg = demo_config("/tmp/grm-ray-bench/seeding-out", items, k).model_copy(update={"max_tokens": max_tokens})
     if side == "baseline":
         cfg = cfg.model_copy(update={"engine_kwargs": {**cfg.engine_kwargs, "enable_chunked_prefill": True}})
-        sample = engines.GRMEngine.sample
-        engines.GRMEngine.sample = lambda self, p, ns, nr, seeds=None: sample(self, p, ns, nr, None)
+        asample = engines.GRMEngine.asample
+        engines.GRMEngine.asample = lambda self, p, ns, nr, seeds=None: asample(self, p, ns, nr, None)
     engine = engines.GRMEngine(cfg)
     sampler = GRMSampler(cfg, engine=engine)
     raw = pq.read_table(cfg.input)
     table = Normalize(cfg)(raw, "demo", range(raw.num_rows), detect_format(raw.column_names))
     apply(sampler, table.slice(0, 1))  # warm-up: the structured-output backend's first use
-    engine.llm.reset_prefix_cache()
+    engine.reset_prefix_cache()
     t0 = time.perf_counter()
     out = apply(sampler, table)
     seconds = time.perf_counter() - t0

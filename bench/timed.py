@@ -50,9 +50,9 @@ class TimedGRMSampler(GRMSampler):
                  "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                  "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1 (default)")})
 
-    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def acall(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         t0, c0, th0 = time.time(), time.process_time(), time.thread_time()
-        out = super().__call__(rows)
+        out = await super().acall(rows)
         _record({"event": "call", "start": t0, "end": time.time(), "cpu": time.process_time() - c0,
                  "thread_cpu": time.thread_time() - th0, "rows": len(rows),
                  "tokens": sum(s["n_tokens"] for r in out for s in r["samples"] or [])})

@@ -38,7 +38,7 @@ def init(cfg: dict[str, Any]) -> dict[str, Any]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "vllm_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1 (default)"),
             "pid": os.getpid(), "max_prompt_tokens": ENGINE.max_prompt_tokens,
-            "block_size": ENGINE.llm.llm_engine.vllm_config.cache_config.block_size}
+            "block_size": ENGINE.block_size}
 
 
 def _rows(input: str):
@@ -71,7 +71,7 @@ def stage(input: str, overrides: dict[str, Any] | None = None, batch_size: int |
     table = _rows(input)
     sampler = GRMSampler(cfg, ENGINE)
     if reset_cache:
-        ENGINE.llm.reset_prefix_cache()  # each timed pass starts cold, as a fresh pipeline actor does
+        ENGINE.reset_prefix_cache()  # each timed pass starts cold, as a fresh pipeline actor does
     before = ENGINE.prefix_cache_stats()
     step = batch_size or table.num_rows
     from bench.common import cpu_delta, machine_cpu
@@ -135,14 +135,14 @@ def prefix(items: list[dict[str, Any]], k: int, mode: str) -> dict[str, Any]:
     else:
         raise ValueError(f"mode must be shared or independent, not {mode!r}")
     sent = sum(ENGINE.count_tokens(call[0]))
-    ENGINE.llm.reset_prefix_cache()
+    ENGINE.reset_prefix_cache()
     before = ENGINE.prefix_cache_stats()
     t0 = time.perf_counter()
     gens = ENGINE.sample(call[0], call[1], call[2], seeds=call[3])
     tokens = sum(g.n_tokens for gs in gens for g in gs)
     seconds = time.perf_counter() - t0
     stats = _stats_delta(before)
-    caching = bool(ENGINE.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+    caching = bool(ENGINE.llm.vllm_config.cache_config.enable_prefix_caching)
     # Tokens the engine actually ran through the model for prompts. With caching on, vLLM counts every
     # request's prompt as looked up (queries) and the part served from cache (hits). With caching off
     # nothing is looked up and every request computes its whole prompt (an n-request fans out into n).

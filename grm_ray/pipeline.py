@@ -255,16 +255,18 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
     # Engine pools autoscale between MIN and MAX actors; Ray Data restarts a dead actor and retries its
-    # batches by default (max_restarts=-1, max_task_retries=-1). max_concurrency: the async actor runs that
-    # many batches at once (Ray Data submits up to twice as many tasks per actor, so the next is queued).
+    # batches by default (max_restarts=-1, max_task_retries=-1). max_concurrent_calls_per_actor becomes the
+    # actor's max_concurrency (as ray.data.llm's vLLM stage sets it): the async actor runs that many batches
+    # at once, and Ray Data keeps up to twice as many queued on it.
     for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
             [(MetaScorer, cfg.meta_actors)] if cfg.meta_mode != "none" else []):
         # engine=openai: the GRM actors only send HTTP requests, they hold no model
         remote = {"num_cpus": LIGHT_CPUS} if cfg.engine == "openai" and stage is not MetaScorer else res
         ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-                            max_concurrency=cfg.max_batches_in_flight, **remote)
+                            compute=ray.data.ActorPoolStrategy(
+                                min_size=low, max_size=high, max_concurrent_calls_per_actor=cfg.max_batches_in_flight),
+                            **remote)
     return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
                           num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
 

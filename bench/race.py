@@ -1,0 +1,232 @@
+"""5. The race: grm-ray's GRM stage against ray.data.llm's recipe, on the same items, in one Ray session.
+
+Both sides sample k critiques per item from the same model, engine arguments (prefix caching on, the
+product's CPU settings), token-id prompts (the same rendered GRM prompts, the same balanced orderings),
+temperature, max_tokens and free (unstructured) decoding:
+
+- grm-ray: the pipeline's GRM stage actor (pipeline._StageActor over GRMSampler: one request per ordering
+  with n = its samples, repairs of cut samples, max_batches_in_flight batches at once on the async engine);
+- ray.data.llm: `build_processor(vLLMEngineProcessorConfig(...))` over k rows per item with n=1 each (its
+  vLLM stage keeps one output of n; its maintainers' advice, ray-project/ray#53396), max_concurrent_batches
+  as grm-ray's batches in flight, the same batch size in samples.
+
+Measured per side: items per second in steady state (from the first output batch the driver sees to the last,
+so engine start-up is left out of both) and engine CPU-seconds per item (CPU time of the engine actor
+processes and their vLLM engine-core children over the same span; GPU-seconds on a GPU are wall x GPUs).
+grm-ray also repairs samples cut at max_tokens (extra tokens the other side does not generate): its
+generated tokens are reported beside the rate.
+
+    python -m bench.race --model tiny --items 16 --k 8 32 --max-tokens 64          # CPU, a few minutes
+    python -m bench.race --full --model BBQGOD/DeepSeek-GRM-27B --max-model-len 4096  # one GPU node
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from bench import common
+
+
+class CpuMeter:
+    """Samples the CPU time of engine processes (Ray MapWorker actors and their children) every 0.2 s, so the
+    CPU of processes that exit is kept; `at(t)` is their summed CPU seconds at time t (linear in between)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _engine_pids(self) -> list[psutil.Process]:
+        procs = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "MapWorker" in " ".join(p.cmdline()[:3]) or "MapWorker" in p.name():
+                    procs.append(p)
+                    procs.extend(p.children(recursive=True))
+            except psutil.Error:
+                pass
+        return procs
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in self._engine_pids():
+                try:
+                    t = p.cpu_times()
+                    self.seen[p.pid] = max(self.seen.get(p.pid, 0.0), t.user + t.system)
+                except psutil.Error:
+                    pass
+            self.samples.append((time.time(), sum(self.seen.values())))
+            time.sleep(0.2)
+
+    def at(self, t: float) -> float:
+        before = [c for ts, c in self.samples if ts <= t]
+        return before[-1] if before else 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def steady(ds: Any, n_items: int, count) -> dict[str, float]:
+    """Consume ds; items/s from the first output batch seen to the last (start-up excluded)."""
+    t_first = t_last = None
+    done_first = done = 0
+    tokens = 0
+    t0 = time.time()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        items, toks = count(batch)
+        done += items
+        tokens += toks
+        t_last = time.time()
+        if t_first is None:
+            t_first, done_first = t_last, done
+    assert done == n_items, f"{done} items out of {n_items}"
+    span = max(1e-9, t_last - t_first)
+    return {"items_per_s": (done - done_first) / span, "span_s": span, "t_first": t_first, "t_last": t_last,
+            "items_in_span": done - done_first, "wall_incl_start_s": t_last - t0, "tokens": tokens}
+
+
+def grm_side(cfg: Any, table: Any) -> Any:
+    import ray
+
+    from grm_ray import pipeline
+    from grm_ray.stages import GRMSampler
+
+    return ray.data.from_arrow(table).map_batches(
+        pipeline._StageActor, fn_constructor_kwargs={"stage_cls": GRMSampler, "cfg": cfg},
+        batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=cfg.max_batches_in_flight),
+        **pipeline.engine_resources(cfg))
+
+
+def rdl_rows(cfg: Any, rows: list[dict[str, Any]], tokenizer_engine: Any) -> list[dict[str, Any]]:
+    """k rows per item, n=1 each: the same prompts (token ids) and orderings as grm-ray's requests."""
+    from grm_ray import prompts
+    from grm_ray.stages import item_seed
+
+    out = []
+    for r in rows:
+        n = len(r["responses"])
+        for order, count in prompts.orderings(n, cfg.k):
+            text = tokenizer_engine.render(prompts.render_grm_prompt(r["messages"], [r["responses"][j] for j in order]))
+            ids = tokenizer_engine.encode([text])[0]
+            base = item_seed(cfg.seed, f"{r['id']}/0/{order}")
+            out.extend({"item": r["id"], "tokenized_prompt": ids, "seed": base + j} for j in range(count))
+    return out
+
+
+def rdl_side(cfg: Any, krows: list[dict[str, Any]]) -> Any:
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from grm_ray import pipeline
+    from grm_ray.engines import llm_kwargs
+
+    kw = llm_kwargs(cfg, cfg.model, disable_log_stats=True)
+    kw.pop("model")
+    if not common.has_gpu():
+        kw["enable_chunked_prefill"] = False  # as GRMEngine on CPU (seeded requests)
+    res = pipeline.engine_resources(cfg)
+    config = vLLMEngineProcessorConfig(
+        model_source=cfg.model, engine_kwargs=kw, batch_size=cfg.batch_size * cfg.k, concurrency=1,
+        max_concurrent_batches=cfg.max_batches_in_flight,
+        runtime_env=res.get("runtime_env"),
+        placement_group_config=None if res["num_gpus"] else {"bundles": [{"CPU": cfg.cpus_per_actor}]},
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    temperature, top_p, max_tokens = cfg.temperature, cfg.top_p, cfg.max_tokens
+    processor = build_processor(
+        config,
+        preprocess=lambda r: {"item": r["item"], "tokenized_prompt": r["tokenized_prompt"],
+                              "sampling_params": {"n": 1, "temperature": temperature, "top_p": top_p,
+                                                  "max_tokens": max_tokens, "seed": int(r["seed"])}},
+        postprocess=lambda r: {"item": r["item"], "n_tokens": int(r["num_generated_tokens"])})
+    return processor(ray.data.from_items(krows))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+    import ray
+
+    from grm_ray.engines import GRMEngine
+    from grm_ray.schema import detect_format
+    from grm_ray.stages import Normalize
+
+    items = common.pick(args.items, 16, 256, args.full)
+    max_tokens = common.pick(args.max_tokens, 64, 1024, args.full)
+    inp = common.input_file(args, items)
+    results: dict[str, Any] = {"settings": {"items": items, "max_tokens": max_tokens, "model": args.model,
+                                            "free_decoding": True, "machine": common.machine()}}
+    ray.init(num_cpus=max(4, (psutil.cpu_count() or 2) + 2), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in common.engine_env(args.threads).items()
+                                       if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}})
+    meter = CpuMeter()
+    try:
+        for k in args.k or ([8, 32]):
+            common.FREE[0] = True
+            cfg = common.job_config(args.model, args.workdir, input=inp, output="", k=k, max_tokens=max_tokens,
+                                    max_model_len=args.max_model_len, threads=args.threads,
+                                    batch_size=args.batch_size or (8 if not args.full else 64),
+                                    max_batches_in_flight=args.in_flight)
+            raw = pq.read_table(inp)
+            table = Normalize(cfg)(raw, "race", list(range(raw.num_rows)), detect_format(raw.column_names))
+            rows = table.select(["id", "messages", "responses"]).to_pylist()
+            figures: dict[str, Any] = {}
+            for side in args.order:
+                if side == "grm-ray":
+                    ds = grm_side(cfg, table)
+                    count = lambda b: (b.num_rows, sum(s["n_tokens"] for ss in b.column("samples").to_pylist()  # noqa: E731
+                                                       for s in ss or []))
+                else:
+                    local = getattr(measure, "_tok", None) or GRMEngine.__new__(GRMEngine)
+                    if not hasattr(local, "tokenizer"):  # a tokenizer only, no engine: prompts as grm-ray renders
+                        from transformers import AutoTokenizer
+
+                        local.cfg, local.tokenizer = cfg, AutoTokenizer.from_pretrained(cfg.model)
+                        local._add_special = not getattr(local.tokenizer, "chat_template", None)
+                        measure._tok = local
+                    local.cfg = cfg
+                    krows = rdl_rows(cfg, rows, local)
+                    ds = rdl_side(cfg, krows)
+                    count = lambda b: (b.num_rows / k, sum(b.column("n_tokens").to_pylist()))  # noqa: E731
+                r = steady(ds, items, count)
+                cpu = meter.at(r["t_last"]) - meter.at(r["t_first"])
+                r["engine_cpu_s_per_item"] = cpu / max(1, r["items_in_span"])
+                figures[side] = r
+                print(f"[race] k={k} {side}: {r['items_per_s']:.3f} items/s steady, "
+                      f"{r['engine_cpu_s_per_item']:.2f} engine CPU-s/item, {r['tokens']} tokens", flush=True)
+            g, d = figures.get("grm-ray"), figures.get("ray.data.llm")
+            if g and d:
+                figures["items_per_s_ratio"] = g["items_per_s"] / d["items_per_s"]
+                figures["cpu_per_item_ratio"] = g["engine_cpu_s_per_item"] / max(1e-9, d["engine_cpu_s_per_item"])
+                print(f"[race] k={k}: grm-ray / ray.data.llm items/s {figures['items_per_s_ratio']:.2f}, "
+                      f"engine CPU per item {figures['cpu_per_item_ratio']:.2f}", flush=True)
+            results[f"k{k}"] = figures
+    finally:
+        meter.stop()
+        ray.shutdown()
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.set_defaults(model="tiny")
+    p.add_argument("--k", type=int, nargs="+", default=None, help="samples per item (default 8 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="grm-ray items per batch (ray.data.llm: x k rows)")
+    p.add_argument("--in-flight", type=int, default=4, help="batches in flight per engine actor, both sides")
+    p.add_argument("--order", nargs="+", default=["grm-ray", "ray.data.llm"], help="sides, in this order")
+    args = p.parse_args()
+    res = measure(args)
+    common.save_results("race", res)
+    print(json.dumps(res, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
