@@ -16,8 +16,8 @@ processes and their vLLM engine-core children over the same span; GPU-seconds on
 grm-ray also repairs samples cut at max_tokens (extra tokens the other side does not generate): its
 generated tokens are reported beside the rate.
 
-    python -m bench.race --model tiny --items 16 --k 8 32 --max-tokens 64          # CPU, a few minutes
-    python -m bench.race --full --model BBQGOD/DeepSeek-GRM-27B --max-model-len 4096  # one GPU node
+    python -m bench.race --model tiny --items 16 --ks 8 32 --max-tokens 64          # CPU, a few minutes
+    python -m bench.race --full --model BBQGOD/DeepSeek-GRM-27B --max-model-len 4096 --ks 8 32  # one GPU node
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                        if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}})
     meter = CpuMeter()
     try:
-        for k in args.k or ([8, 32]):
+        for k in args.ks:
             common.FREE[0] = True
             cfg = common.job_config(args.model, args.workdir, input=inp, output="", k=k, max_tokens=max_tokens,
                                     max_model_len=args.max_model_len, threads=args.threads,
@@ -218,7 +218,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p)
     p.set_defaults(model="tiny")
-    p.add_argument("--k", type=int, nargs="+", default=None, help="samples per item (default 8 32)")
+    p.add_argument("--ks", type=int, nargs="+", default=[8, 32], help="samples per item, one race each")
     p.add_argument("--batch-size", type=int, default=None, help="grm-ray items per batch (ray.data.llm: x k rows)")
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight per engine actor, both sides")
     p.add_argument("--order", nargs="+", default=["grm-ray", "ray.data.llm"], help="sides, in this order")

@@ -82,19 +82,34 @@ def llm_kwargs(cfg: JobConfig, model: str, **extra: Any) -> dict[str, Any]:
     return kw
 
 
-class _Engine:
+class _Loop:
+    """A private asyncio loop on a daemon thread: the engine's client lives there, whoever calls it."""
+
+    def _start_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="grm-ray-engine", daemon=True).start()
+
+    def _wait(self, coro: Awaitable) -> Any:
+        """Block until `coro` has run on the engine's loop (constructors, scripts, tests)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _on_loop(self, coro: Awaitable) -> Any:
+        """Await `coro` run on the engine's loop, from any other loop; cancelling the caller cancels it."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+
+class _Engine(_Loop):
     """Shared plumbing: the engine's own event loop, tokenizer, rendering, exact token counts."""
 
     llm: Any
     cfg: JobConfig
 
     def _start(self, **engine_args: Any) -> None:
-        """Build the AsyncLLM on a private loop thread, where its output handler and every request run."""
+        """Build the AsyncLLM on the private loop, where its output handler and every request run."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="grm-ray-vllm", daemon=True).start()
+        self._start_loop()
         self._ids = itertools.count()
 
         async def build() -> Any:
@@ -106,10 +121,6 @@ class _Engine:
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._add_special = not getattr(self.tokenizer, "chat_template", None)
 
-    def _wait(self, coro: Awaitable) -> Any:
-        """Block until `coro` has run on the engine's loop (constructors, scripts, tests)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
     async def _request(self, stream: Any) -> Any:
         """Await one request's final output from any loop; cancelling the caller aborts the request."""
         async def final() -> Any:
@@ -118,7 +129,7 @@ class _Engine:
                 pass
             return out
 
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(final(), self._loop))
+        return await self._on_loop(final())
 
     def _generate(self, ids: Sequence[int], params: Any) -> Awaitable:
         from vllm.inputs import TokensPrompt
@@ -358,7 +369,7 @@ def _generation(c: Any) -> Generation:
                       token_ids=list(c.token_ids))
 
 
-class OpenAIEngine:
+class OpenAIEngine(_Loop):
     """GRM sampling from an existing OpenAI-compatible server (`--engine openai --base-url URL`): the same seam
     as GRMEngine (encode, asample, arepair), so GRMSampler runs unchanged, in an actor that holds no model.
 
@@ -383,11 +394,13 @@ class OpenAIEngine:
         if cfg.api_key_env and not key:
             raise ValueError(f"api_key_env names {cfg.api_key_env}, but that environment variable is not set")
         self.cfg = cfg
+        self.model = cfg.model
         self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key or "none",
                                          max_retries=cfg.openai_retries, timeout=600.0)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self._add_special = not getattr(self.tokenizer, "chat_template", None)
-        self._limit = asyncio.Semaphore(cfg.openai_max_concurrency)
+        self._limit = asyncio.Semaphore(cfg.openai_max_concurrency)  # used on the private loop only
+        self._start_loop()
         self.max_model_len = cfg.max_model_len or self._served_max_model_len()
         self.repair_reserve = _repair_tokens(cfg.max_responses)
         self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
@@ -407,7 +420,7 @@ class OpenAIEngine:
         r = httpx.get(self.cfg.base_url.rstrip("/") + "/models", headers=headers, timeout=30)
         r.raise_for_status()
         for m in r.json().get("data", []):
-            if m.get("id") == self.cfg.model and m.get("max_model_len"):
+            if m.get("id") == self.model and m.get("max_model_len"):
                 return int(m["max_model_len"])
         raise ValueError(f"the server at {self.cfg.base_url} does not say the context length of {self.cfg.model!r}: "
                          "set max_model_len (and check that model names the served model)")
@@ -416,14 +429,17 @@ class OpenAIEngine:
         import openai
 
         extra = {"return_token_ids": True, **params.pop("extra_body", {})}
-        async with self._limit:
-            try:
-                return await self.client.completions.create(model=self.cfg.model, prompt=list(prompt_ids),
+
+        async def create() -> Any:  # on the private loop, where the client's connections live
+            async with self._limit:
+                return await self.client.completions.create(model=self.model, prompt=list(prompt_ids),
                                                             extra_body=extra, **params)
-            except openai.APIStatusError as e:  # the server's own message; never the request's headers
-                raise RequestFailed(f"the OpenAI-compatible server answered {e.status_code}: {e.message}") from None
-            except openai.APIError as e:
-                raise RequestFailed(f"the OpenAI-compatible server could not be reached: {type(e).__name__}") from None
+        try:
+            return await self._on_loop(create())
+        except openai.APIStatusError as e:  # the server's own message; never the request's headers
+            raise RequestFailed(f"the OpenAI-compatible server answered {e.status_code}: {e.message}") from None
+        except openai.APIError as e:
+            raise RequestFailed(f"the OpenAI-compatible server could not be reached: {type(e).__name__}") from None
 
     def _generation(self, choice: Any) -> Generation:
         ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
@@ -464,9 +480,48 @@ class OpenAIEngine:
     def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
                seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
         """Blocking `asample` of rendered prompt texts (scripts and tests)."""
-        return asyncio.run(self.asample(self.encode(prompts_), ns, n_responses, seeds))
+        return self._wait(self.asample(self.encode(prompts_), ns, n_responses, seeds))
+
+
+class OpenAIJudge(OpenAIEngine):
+    """The judge meta mode on the same OpenAI-compatible server (meta_model or the GRM): logprob('yes') -
+    logprob('no') of the first answer token, asked exactly with vLLM's `logprob_token_ids`; on a server
+    without it, read from the top-20 logprobs (NaN, logged, when either word is not among them)."""
+
+    def __init__(self, cfg: JobConfig):
+        super().__init__(cfg.model_copy(update={"model": cfg.meta_model or cfg.model}))
+        self.yes_id, self.no_id = (MetaEngine._answer_token(self, w) for w in ("yes", "no"))  # type: ignore[arg-type]
+
+    async def ascore(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
+        """As MetaEngine.ascore (judge), over HTTP."""
+        ids = self.encode([self.render(prompts.judge_prompt(*it)) for it in items])
+
+        async def one(p: list[int]) -> float:
+            if len(p) > self.max_model_len - 1:
+                return math.nan
+            out = await self._complete(p, max_tokens=1, temperature=0.0, logprobs=20, extra_body={
+                "logprob_token_ids": [self.yes_id, self.no_id], "return_tokens_as_token_ids": True})
+            top = (out.choices[0].logprobs.top_logprobs or [{}])[0]
+            yes, no = (top.get(f"token_id:{t}", top.get(self.tokenizer.decode([t]))) for t in (self.yes_id, self.no_id))
+            return math.nan if yes is None or no is None else yes - no
+
+        result = list(await asyncio.gather(*(one(p) for p in ids)))
+        if any(math.isnan(x) for x in result):
+            log.warning("judge: %d of %d items got no yes/no logprobs (too long, or not offered by the server)",
+                        sum(math.isnan(x) for x in result), len(result))
+        return result
+
+    def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
+        """Blocking `ascore`."""
+        return self._wait(self.ascore(items))
 
 
 def grm_engine(cfg: JobConfig) -> Any:
     """The GRM engine cfg.engine names: a local vLLM engine, or an OpenAI-compatible server."""
     return OpenAIEngine(cfg) if cfg.engine == "openai" else GRMEngine(cfg)
+
+
+def meta_engine(cfg: JobConfig) -> Any:
+    """The meta RM engine: the judge runs on the OpenAI-compatible server with engine=openai; a classifier
+    meta RM (no generative API for it) always on a local vLLM engine."""
+    return OpenAIJudge(cfg) if cfg.engine == "openai" and cfg.meta_mode == "judge" else MetaEngine(cfg)

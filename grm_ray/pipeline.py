@@ -260,8 +260,9 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
     # at once, and Ray Data keeps up to twice as many queued on it.
     for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
             [(MetaScorer, cfg.meta_actors)] if cfg.meta_mode != "none" else []):
-        # engine=openai: the GRM actors only send HTTP requests, they hold no model
-        remote = {"num_cpus": LIGHT_CPUS} if cfg.engine == "openai" and stage is not MetaScorer else res
+        # engine=openai: the GRM (and judge) actors only send HTTP requests, they hold no model
+        http = cfg.engine == "openai" and (stage is not MetaScorer or cfg.meta_mode == "judge")
+        remote = {"num_cpus": LIGHT_CPUS} if http else res
         ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(

@@ -272,8 +272,8 @@ class MetaScorer:
 
     def __init__(self, cfg: JobConfig, engine: Any = None):
         if engine is None:
-            from .engines import MetaEngine
-            engine = MetaEngine(cfg)
+            from .engines import meta_engine
+            engine = meta_engine(cfg)
         self.engine = engine
 
     def __call__(self, rows: list[Row]) -> list[Row]:

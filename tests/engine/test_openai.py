@@ -95,3 +95,18 @@ def test_openai_wrong_key_is_a_row_error_without_the_key(openai_server, tiny_con
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ValueError, match=f"api_key_env names {KEY_ENV}, but"):
         GRMSampler(cfg)
+
+
+def test_openai_judge_reads_yes_no_logprobs(openai_server, tiny_config):
+    import math
+
+    from grm_ray.stages import MetaScorer
+
+    cfg = tiny_config(engine="openai", base_url=openai_server, api_key_env=KEY_ENV, meta_mode="judge",
+                      max_model_len=None)
+    judge = MetaScorer(cfg).engine
+    conv = [{"role": "user", "content": "Is 7 prime?"}]
+    items = [(conv, ["Yes.", "No."], f"Analysis: take {i}.\nScores: \\boxed{{{i + 1}, 3}}") for i in range(3)]
+    scores = judge.score(items)
+    assert all(math.isfinite(x) for x in scores) and len(set(scores)) == 3
+    assert judge.score(items[:1]) == pytest.approx(scores[:1], abs=1e-4)  # greedy, repeatable
