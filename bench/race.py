@@ -10,8 +10,8 @@ temperature, max_tokens and free (unstructured) decoding:
   vLLM stage keeps one output of n; its maintainers' advice, ray-project/ray#53396), max_concurrent_batches
   as grm-ray's batches in flight, the same batch size in samples.
 
-Measured per side: items per second in steady state (from the first output batch the driver sees to the last,
-so engine start-up is left out of both) and engine CPU-seconds per item (CPU time of the engine actor
+Measured per side: items per second over the engine stage's working span (first call start to last call end,
+stamped inside the actor by bench/race_hook.py, so engine start-up is left out of both) and engine CPU-seconds per item (CPU time of the engine actor
 processes and their vLLM engine-core children over the same span; GPU-seconds on a GPU are wall x GPUs).
 grm-ray also repairs samples cut at max_tokens (extra tokens the other side does not generate): its
 generated tokens are reported beside the rate.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -74,23 +75,28 @@ class CpuMeter:
         self._thread.join()
 
 
-def steady(ds: Any, n_items: int, count) -> dict[str, float]:
-    """Consume ds; items/s from the first output batch seen to the last (start-up excluded)."""
-    t_first = t_last = None
-    done_first = done = 0
-    tokens = 0
+def run_side(ds: Any, n_items: int, per_row_items: float, tokens_of, meter: "CpuMeter") -> dict[str, float]:
+    """Consume ds (one side on n_items): the engine stage's working span (first call start to last call end,
+    stamped in the actor by bench/race_hook.py: engine start-up excluded), tokens, engine CPU in that span."""
+    from bench import race_hook
+
+    import collections
+
     t0 = time.time()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        items, toks = count(batch)
-        done += items
-        tokens += toks
-        t_last = time.time()
-        if t_first is None:
-            t_first, done_first = t_last, done
-    assert done == n_items, f"{done} items out of {n_items}"
-    span = max(1e-9, t_last - t_first)
-    return {"items_per_s": (done - done_first) / span, "span_s": span, "t_first": t_first, "t_last": t_last,
-            "items_in_span": done - done_first, "wall_incl_start_s": t_last - t0, "tokens": tokens}
+    got: collections.Counter = collections.Counter()
+    tokens = 0
+    for r in ds.iter_rows():
+        got[r["item"]] += 1
+        tokens += tokens_of(r)
+    t1 = time.time()
+    time.sleep(0.5)  # one more CPU sample of the engine processes before they go
+    assert len(got) == n_items and all(c * per_row_items == 1 for c in got.values()), (len(got), got)
+    path = os.environ[race_hook.STAMPS_ENV]
+    busy = race_hook.span(path, t0, t1)
+    with open(path) as f:
+        first = min(json.loads(x)["t"] for x in f if x.strip() and t0 <= json.loads(x)["t"] <= t1)
+    return {"wall_s": t1 - t0, "busy_s": busy, "tokens": tokens,
+            "items_per_s": n_items / busy, "engine_cpu_s": meter.at(first + busy) - meter.at(first)}
 
 
 def grm_side(cfg: Any, table: Any) -> Any:
@@ -150,6 +156,18 @@ def rdl_side(cfg: Any, krows: list[dict[str, Any]]) -> Any:
     return processor(ray.data.from_items(krows))
 
 
+def tokenizer(cfg: Any) -> Any:
+    """GRMEngine's render/encode with the model's tokenizer only (no engine): prompts as grm-ray sends them."""
+    from transformers import AutoTokenizer
+
+    from grm_ray.engines import GRMEngine
+
+    local = GRMEngine.__new__(GRMEngine)
+    local.cfg, local.tokenizer = cfg, AutoTokenizer.from_pretrained(cfg.model)
+    local._add_special = not getattr(local.tokenizer, "chat_template", None)
+    return local
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import ray
@@ -163,9 +181,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     inp = common.input_file(args, items)
     results: dict[str, Any] = {"settings": {"items": items, "max_tokens": max_tokens, "model": args.model,
                                             "free_decoding": True, "machine": common.machine()}}
+    from bench import race_hook
+
+    stamps = os.path.join(args.workdir, "race-stamps.jsonl")
+    os.environ[race_hook.STAMPS_ENV] = stamps
+    env = {k: v for k, v in common.engine_env(args.threads).items()
+           if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}
     ray.init(num_cpus=max(4, (psutil.cpu_count() or 2) + 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: v for k, v in common.engine_env(args.threads).items()
-                                       if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}})
+             runtime_env={"env_vars": {**env, race_hook.STAMPS_ENV: stamps},
+                          "worker_process_setup_hook": "bench.race_hook.setup"})
     meter = CpuMeter()
     try:
         for k in args.ks:
@@ -177,31 +201,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raw = pq.read_table(inp)
             table = Normalize(cfg)(raw, "race", list(range(raw.num_rows)), detect_format(raw.column_names))
             rows = table.select(["id", "messages", "responses"]).to_pylist()
+            krows = rdl_rows(cfg, rows, tokenizer(cfg))
             figures: dict[str, Any] = {}
             for side in args.order:
                 if side == "grm-ray":
-                    ds = grm_side(cfg, table)
-                    count = lambda b: (b.num_rows, sum(s["n_tokens"] for ss in b.column("samples").to_pylist()  # noqa: E731
-                                                       for s in ss or []))
+                    ds = grm_side(cfg, table).map(lambda r: {"item": r["id"], "samples": r["samples"]})
+                    per_row, tokens_of = 1.0, lambda r: sum(s["n_tokens"] for s in r["samples"] or [])  # noqa: E731
                 else:
-                    local = getattr(measure, "_tok", None) or GRMEngine.__new__(GRMEngine)
-                    if not hasattr(local, "tokenizer"):  # a tokenizer only, no engine: prompts as grm-ray renders
-                        from transformers import AutoTokenizer
-
-                        local.cfg, local.tokenizer = cfg, AutoTokenizer.from_pretrained(cfg.model)
-                        local._add_special = not getattr(local.tokenizer, "chat_template", None)
-                        measure._tok = local
-                    local.cfg = cfg
-                    krows = rdl_rows(cfg, rows, local)
                     ds = rdl_side(cfg, krows)
-                    count = lambda b: (b.num_rows / k, sum(b.column("n_tokens").to_pylist()))  # noqa: E731
-                r = steady(ds, items, count)
-                cpu = meter.at(r["t_last"]) - meter.at(r["t_first"])
-                r["engine_cpu_s_per_item"] = cpu / max(1, r["items_in_span"])
+                    per_row, tokens_of = 1.0 / k, lambda r: r["n_tokens"]  # noqa: E731
+                r = run_side(ds, items, per_row, tokens_of, meter)
+                r["engine_cpu_s_per_item"] = r["engine_cpu_s"] / items
                 figures[side] = r
-                print(f"[race] k={k} {side}: {r['items_per_s']:.3f} items/s steady, "
-                      f"{r['engine_cpu_s_per_item']:.2f} engine CPU-s/item, {r['tokens']} tokens", flush=True)
-            g, d = figures.get("grm-ray"), figures.get("ray.data.llm")
+                print(f"[race] k={k} {side}: {r['items_per_s']:.3f} items/s over the engine's working span "
+                      f"{r['busy_s']:.1f} s, {r['engine_cpu_s_per_item']:.2f} engine CPU-s/item, {r['tokens']} tokens; "
+                      f"wall incl. start-up {r['wall_s']:.1f} s", flush=True)
+            g, d = figures.get("grm-ray"), figures.get("ray.data.llm")  # noqa: E501
             if g and d:
                 figures["items_per_s_ratio"] = g["items_per_s"] / d["items_per_s"]
                 figures["cpu_per_item_ratio"] = g["engine_cpu_s_per_item"] / max(1e-9, d["engine_cpu_s_per_item"])

@@ -120,12 +120,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--model", default="tiny")
     p.add_argument("--workdir", default="/tmp/grm-ray-bench")
+    p.add_argument("--async-first", action="store_true", help="run this checkout first (load drift shows)")
     args = p.parse_args()
     model, _ = common.resolve_model(args.model, args.workdir)
     res = {"command": "python -m bench.serve_latency " + " ".join(sys.argv[1:]), "machine": common.machine(),
            "settings": {"k": args.k, "max_tokens": args.max_tokens, "model": args.model, "structured": False}}
-    res["baseline"] = side("baseline", Path(args.baseline_src).resolve(), model, args)
-    res["async"] = side("async", common.ROOT, model, args)
+    sides = {"baseline": Path(args.baseline_src).resolve(), "async": common.ROOT}
+    for name in (["async", "baseline"] if args.async_first else ["baseline", "async"]):
+        res[name] = side(name, sides[name], model, args)
     common.save_results("serve_latency", res)
     print(json.dumps(res, indent=2))
 
