@@ -84,7 +84,8 @@ class JobConfig(BaseModel):
     max_batches_in_flight: int = Field(
         4, ge=1, description="Batches an engine actor works on at once; their requests share the engine's batch.")
     rows_per_file: int = Field(1000, ge=1, description="Rows per committed output part (the resume granularity).")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                          description="Extra vLLM engine arguments (AsyncEngineArgs keywords).")
     # run
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
