@@ -145,10 +145,23 @@ class _Engine(_Loop):
         return self._wait(run())
 
     def close(self) -> None:
-        """Stop the engine core process and the loop thread (idempotent)."""
+        """Stop the engine core process and the loop thread (idempotent), quietly: the output handler and the
+        client's tasks are cancelled before the engine core goes, so none of them logs a dead engine."""
         llm, self.llm = self.llm, None
-        if llm is not None:
+        if llm is None:
+            return
+
+        async def stop() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            llm.output_handler = None
             llm.shutdown()
+
+        try:
+            self._wait(stop())
+        finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     def render(self, user_text: str) -> str:
