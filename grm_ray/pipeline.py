@@ -223,9 +223,9 @@ def _check_previous(cfg: JobConfig, fs: Any, out_dir: str) -> None:
     """Refuse to mix two jobs' results in one output; start afresh with --overwrite (under the lease)."""
     job_path = posixpath.join(out_dir, storage.JOB_FILE)
     if cfg.overwrite:
-        for path in storage.committed_parts(fs, out_dir) + [job_path]:
-            if fs.exists(path):
-                fs.rm(path)
+        doomed = storage.committed_parts(fs, out_dir) + ([job_path] if fs.exists(job_path) else [])
+        if doomed:
+            fs.rm(doomed)  # one call: s3fs deletes in batches of 1000 keys
     previous = storage.read_json(fs, job_path)
     if previous:
         changed = {k: (v, cfg.public().get(k)) for k, v in previous["config"].items()

@@ -443,8 +443,10 @@ class Lease:
         if storage.is_s3(self.fs):
             try:
                 self.fs.pipe_file(self.path, data, **({"mode": "create"} if create else {"IfMatch": etag}))
-            except Exception as e:  # noqa: BLE001 - a failed precondition: another job wrote first
+            except Exception as e:  # noqa: BLE001 - a failed precondition: another job wrote first ...
                 holder, _ = self._read()
+                if holder and holder.get("id") == self.owner["id"]:
+                    return  # ... unless a retried request had already written ours (a dropped response)
                 raise JobError(f"another job took the output lease first: "
                                f"{self.describe(holder) if holder else e}") from None
         else:
