@@ -47,7 +47,7 @@ def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 @contextlib.contextmanager
-def _naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
+def naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
     """Storage errors left after the filesystem's own retries name the object: 'cannot write s3://b/k: ...'."""
     try:
         yield
@@ -138,7 +138,7 @@ def _atomic(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterator[Any
     """Write to a hidden `.tmp-*` name beside `path`, then rename: readers see the whole file or none, and
     `clean_temporaries` removes what an interrupted write left. Errors name `path`."""
     tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with _naming(fs, path, "write"):
+    with naming(fs, path, "write"):
         with fs.open(tmp, mode) as f:
             yield f
         fs.mv(tmp, path)
