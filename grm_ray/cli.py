@@ -136,10 +136,18 @@ def _read_scored(uri: str):
         raise _fail(f"cannot read scored output {uri}: {e}") from None
 
 
-def _write(out: str, table) -> None:
+def _write(out: str, table, scored_rows: int, skipped: dict[str, int]) -> None:
+    """Write an export; say on stderr what was skipped and, when nothing is left, why the file is empty."""
     from .storage import write_table
 
     typer.echo(f"wrote {table.num_rows} rows to {write_table(out, table)}")
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    if not table.num_rows:
+        typer.secho(f"warning: the export is empty (columns only): of {scored_rows} scored rows, "
+                    f"{why or 'none were given'}. Note that datasets.load_dataset refuses any empty split "
+                    "('corresponds to no data'); streaming=True reads it.", fg="yellow", err=True)
+    elif why:
+        typer.echo(f"skipped: {why}", err=True)
 
 
 Fmt = typer.Option("standard", "--format", help="TRL column convention: standard (strings) or conversational.")
@@ -159,7 +167,7 @@ def export_dpo(scored: str, out: str,
     if mode not in ("pairs", "best-of-n"):
         raise _fail(f"--mode must be pairs or best-of-n, got {mode!r}")
     fn = export.export_dpo if mode == "pairs" else export.export_best_of_n
-    _write(out, _exported(fn, _read_scored(scored), min_margin=min_margin, fmt=fmt))
+    _export(out, fn, _read_scored(scored), min_margin=min_margin, fmt=fmt)
 
 
 @app.command("export-rft")
@@ -168,7 +176,7 @@ def export_rft(scored: str, out: str, threshold: int = typer.Option(6, help="Sin
     """Rejective fine-tuning data (SPCT stage 1): correct samples of items that are not too easy."""
     from . import export
 
-    _write(out, _exported(export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt))
+    _export(out, export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt)
 
 
 @app.command("export-meta")
@@ -185,15 +193,19 @@ def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    _write(out, _exported(export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
-                          fallback=chat_fallback))
+    _export(out, export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
+            fallback=chat_fallback)
 
 
-def _exported(fn, table, **kwargs):
+def _export(out: str, fn, table, **kwargs) -> None:
+    from collections import Counter
+
+    skipped: Counter = Counter()
     try:
-        return fn(table, **kwargs)
+        result = fn(table, skipped=skipped, **kwargs)
     except (KeyError, ValueError) as e:
         raise _fail(f"{fn.__name__}: {e}") from None
+    _write(out, result, table.num_rows, skipped)
 
 
 @dev.command("tiny-models")
