@@ -127,6 +127,24 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
         typer.echo(f"plot: {plot}", err=as_json)
 
 
+@app.command()
+def report(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
+           out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
+           limit: int = typer.Option(100_000, help="Show at most this many rows (the first parts' rows).")) -> None:
+    """Write one self-contained HTML page to audit a scored output: critiques, votes, filters, sort."""
+    from .report import read, render
+
+    try:
+        table, total = read(scored, limit)
+    except (FileNotFoundError, OSError) as e:
+        raise _fail(f"cannot read scored output {scored}: {e}") from None
+    out.write_text(render(table, f"grm-ray report: {scored}"), encoding="utf-8")
+    typer.echo(f"wrote {out} ({table.num_rows} rows, {out.stat().st_size / 1e6:.1f} MB)")
+    if total is None or total > table.num_rows:
+        typer.secho(f"warning: the output has more rows than --limit {limit}; the report shows the first "
+                    f"{table.num_rows}", fg="yellow", err=True)
+
+
 def _read_scored(uri: str):
     from .storage import read_table
 
