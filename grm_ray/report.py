@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -34,29 +34,30 @@ def _agrees(row: dict[str, Any]) -> bool | None:
         return None
 
 
-def _rows(table: pa.Table) -> Iterator[dict[str, Any]]:
-    for batch in table.select([c for c in COLUMNS if c in table.column_names]).to_batches(max_chunksize=4096):
-        yield from batch.to_pylist()
-
-
 def page_data(table: pa.Table) -> dict[str, Any]:
     """The embedded data: `index` holds one short array per column (what the list, filters and sort need);
     `detail[i]` is row i's conversation, responses and samples as a JSON string, parsed only when opened.
 
     A sample is [order, text, scores, valid, meta_score, kept, repaired, hinted] (SAMPLE_KEYS).
     """
-    keys = ("id", "label", "rewards", "best", "margin", "tie", "agree", "error", "n", "valid", "kept", "conf")
-    index: dict[str, list[Any]] = {k: [] for k in keys}
+    def col(name: str) -> list[Any]:
+        return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+    index = {k: [round(v, 4) if isinstance(v, float) else v for v in col(c)] for k, c in (
+        ("id", S.ID), ("label", S.LABEL), ("best", S.BEST_INDEX), ("margin", S.MARGIN), ("tie", S.TIE),
+        ("error", S.ERROR), ("n", S.N_SAMPLES), ("valid", S.N_VALID), ("kept", S.N_KEPT), ("conf", CONFIDENCE))}
+    rewards = col(S.REWARDS)
+    index["rewards"] = [r and [round(v, 4) for v in r] for r in rewards]
+    index["agree"] = [_agrees({S.LABEL: la, S.REWARDS: r, S.ERROR: e})
+                      for la, r, e in zip(index["label"], rewards, index["error"])]
     detail = []
-    for r in _rows(table):
-        for k, v in zip(keys, (r.get(S.ID), r.get(S.LABEL), r.get(S.REWARDS), r.get(S.BEST_INDEX), r.get(S.MARGIN),
-                               r.get(S.TIE), _agrees(r), r.get(S.ERROR), r.get(S.N_SAMPLES), r.get(S.N_VALID),
-                               r.get(S.N_KEPT), r.get(CONFIDENCE))):
-            index[k].append(round(v, 4) if isinstance(v, float) else v)
-        samples = [[s.get(k) for k in SAMPLE_KEYS] for s in r.get(S.SAMPLES) or []]
-        detail.append(json.dumps([[[m["role"], m["content"]] for m in r.get(S.MESSAGES) or []],
-                                  r.get(S.RESPONSES) or [], samples, r.get(S.SOURCE)],
-                                 ensure_ascii=False, separators=(",", ":")))
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    for batch in table.select([c for c in (S.MESSAGES, S.RESPONSES, S.SAMPLES, S.SOURCE)
+                               if c in table.column_names]).to_batches(max_chunksize=4096):
+        for r in batch.to_pylist():
+            samples = [[s.get(k) for k in SAMPLE_KEYS] for s in r.get(S.SAMPLES) or []]
+            detail.append(dumps([[[m["role"], m["content"]] for m in r.get(S.MESSAGES) or []],
+                                 r.get(S.RESPONSES) or [], samples, r.get(S.SOURCE)]))
     return {"index": index, "detail": detail, "has_confidence": CONFIDENCE in table.column_names}
 
 
