@@ -42,15 +42,28 @@ def resolve(config_file: str | None, **options: Any) -> JobConfig:
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Print the resolved config, run the pipeline, print the summary; exit non-zero on failure."""
+    """Run the pipeline behind one progress display and print a summary table; exit non-zero on failure.
+
+    The resolved config and Ray / vLLM output go to the log file beside the output (console.log_path);
+    cfg.verbose shows them on the console as well.
+    """
+    from .console import Console
     from .pipeline import JobError, run
 
-    typer.echo("grm-ray score, resolved config:\n" + json.dumps(cfg.public(), indent=2))
-    try:
-        summary = run(cfg)
-    except (JobError, FileNotFoundError, PermissionError) as e:
-        raise _fail(str(e)) from None
-    typer.echo("summary: " + json.dumps(summary, indent=2))
+    con = Console(cfg.output, verbose=cfg.verbose)
+    error = None
+    with con.capture():
+        log.info("grm-ray score, resolved config:\n%s", json.dumps(cfg.public(), indent=2))
+        con.echo(f"grm-ray score {cfg.input} -> {cfg.output} (model {cfg.model}, k={cfg.k}, meta {cfg.meta_mode}); "
+                 f"log: {con.log_file}")
+        try:
+            summary = run(cfg, progress=con)
+            log.info("summary: %s", json.dumps(summary, indent=2, default=str))
+        except (JobError, FileNotFoundError, PermissionError) as e:
+            error = e
+    if error is not None:
+        raise _fail(f"{error}\n(details in {con.log_file})")
+    con.summary(summary)
     if summary["bad_files"]:
         raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
                     "every other row was scored", code=3)

@@ -281,8 +281,12 @@ RESULT_KEYS = ("input", "input_format", "max_responses", "model", "k", "temperat
                "k_meta")
 
 
-def run(cfg: JobConfig) -> dict[str, Any]:
-    """Score cfg.input into cfg.output; resumable; returns the run summary (also in _job.json)."""
+def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
+    """Score cfg.input into cfg.output; resumable; returns the run summary (also in _job.json).
+
+    `progress` (e.g. console.Console) is told the plan's row counts, start(total, done), and each committed
+    part's summary row, part(row): the live display of `grm-ray score`.
+    """
     t0 = time.time()
     fs, out_dir, done = _prepare_output(cfg)
     p = plan(cfg, done)
@@ -294,6 +298,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     for rel, why in p.bad_files.items():
         log.error("input %s skipped: %s", rel, why)
     totals = collections.Counter()
+    if progress:
+        progress.start(p.total_rows, p.skipped_rows)
     if p.units:
         init_ray(cfg)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
@@ -303,6 +309,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                     totals.update({k: v for k, v in row.items() if k != "part"})
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
+                    if progress:
+                        progress.part(row)
         except Exception as e:  # a task or actor failed for good, after Ray's retries (traceback logged above)
             try:  # counted in storage: the error can overtake the summaries of parts already committed
                 new = storage.read_committed(fs, out_dir, [SOURCE]).num_rows - p.skipped_rows
