@@ -22,6 +22,7 @@ from typing import IO, Any, Iterator
 
 LINE_SECONDS = 10.0  # non-TTY: the shortest gap between two progress lines (the last part always prints)
 QUIET_SECONDS = 60.0  # non-TTY: the longest gap, e.g. while engines start (a heartbeat line)
+_now = time.monotonic  # the clock (tests set it)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -62,7 +63,8 @@ class Console:
         self.tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         self.total = self.done = 0
         self.rows = self.errors = self.samples = self.tokens = 0
-        self.t0 = time.monotonic()
+        self.t0 = _now()
+        self._first: tuple[float, int] | None = None  # (time, rows) at the first part: the rate after start-up
         self._last_line = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -145,7 +147,7 @@ class Console:
 
     # --- progress, fed by pipeline.run -----------------------------------------------------------------------
     def start(self, total_rows: int, done_rows: int) -> None:
-        self.total, self.done, self.t0 = total_rows, done_rows, time.monotonic()
+        self.total, self.done, self.t0 = total_rows, done_rows, _now()
         if done_rows:
             self.echo(f"resuming: {_count(done_rows)} of {_count(total_rows)} rows already committed")
         self._show(force=True)
@@ -153,19 +155,27 @@ class Console:
     def part(self, row: dict[str, Any]) -> None:
         """One committed part's summary row: {part, rows, errors, samples, valid, tokens}."""
         self.rows += row["rows"]
+        if self._first is None:
+            self._first = (_now(), self.rows)
         self.errors += row["errors"]
         self.samples += row["samples"]
         self.tokens += row["tokens"]
         self._show(force=self.done + self.rows >= self.total)
 
     def status(self) -> str:
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        elapsed = max(_now() - self.t0, 1e-9)
         committed, left = self.done + self.rows, self.total - self.done - self.rows
         pct = 100.0 * committed / self.total if self.total else 100.0
-        eta = _duration(left * elapsed / self.rows) if self.rows and left > 0 else ("-" if left > 0 else "0:00:00")
+        eta = "0:00:00" if left <= 0 else (_duration(left / self._rate()) if self._rate() else "-")
         return (f"rows {_count(committed)}/{_count(self.total)} ({pct:.0f}%) | samples {_count(self.samples)} | "
                 f"{_count(self.tokens / elapsed)} tok/s | errors {_count(self.errors)} | "
                 f"elapsed {_duration(elapsed)} | ETA {eta}{self._engines()}")
+
+    def _rate(self) -> float:
+        """Rows per second since the first committed part (engine start-up left out), else overall."""
+        if self._first and self.rows > self._first[1] and _now() > self._first[0]:
+            return (self.rows - self._first[1]) / (_now() - self._first[0])
+        return self.rows / max(_now() - self.t0, 1e-9)
 
     @staticmethod
     def _engines() -> str:
@@ -182,7 +192,7 @@ class Console:
         return f" | {kind}s busy {total.get(kind, 0) - free.get(kind, 0):g}/{total.get(kind, 0):g}"
 
     def _show(self, force: bool = False, every: float | None = None) -> None:
-        now, every = time.monotonic(), LINE_SECONDS if every is None else every
+        now, every = _now(), LINE_SECONDS if every is None else every
         with self._lock:
             if self.tty:
                 self._clear()

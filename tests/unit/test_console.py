@@ -44,13 +44,18 @@ def test_lines_off_a_terminal(monkeypatch, tmp_path):
 
 
 def test_status_rates_and_eta(monkeypatch, tmp_path):
+    clock = [1000.0]
+    monkeypatch.setattr(console, "_now", lambda: clock[0])
+    monkeypatch.setattr(Console, "_engines", staticmethod(lambda: ""))
     con = Console(str(tmp_path / "o"), stream=io.StringIO())
     con.start(100, 0)
-    con.t0 -= 10  # 10 s in
+    clock[0] += 10
     con.part(part(25, tokens=5000))
-    status = con.status()
-    assert "rows 25/100 (25%)" in status and "500 tok/s" in status
-    assert "ETA 0:00:30" in status or "ETA 0:00:29" in status  # 75 rows left at 2.5 rows/s
+    assert con.status() == "rows 25/100 (25%) | samples 100 | 500 tok/s | errors 0 | elapsed 0:00:10 | ETA 0:00:30"
+    # later parts: the rate since the first part, engine start-up left out (25 rows in 5 s; 50 left)
+    clock[0] += 5
+    con.part(part(25, tokens=0))
+    assert con.status().endswith("ETA 0:00:10")
 
 
 def test_summary_table(tmp_path):
@@ -104,3 +109,23 @@ def test_verbose_console_shows_everything(tmp_path):
     for noise in ("noise on stdout", "raw noise on fd 2", "a Ray warning", "committed part-1"):
         assert noise in res.stderr + res.stdout
     assert "committed part-1" in log and "rows 4/4 (100%)" in res.stderr
+
+
+def test_a_terminal_gets_one_line_redrawn(tmp_path):
+    """On a TTY the status is one line rewritten in place (carriage return + clear line), no newline per part."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    tty = os.fdopen(slave, "w")
+    con = Console(str(tmp_path / "o"), stream=tty)
+    assert con.tty
+    con.start(8, 0)
+    con.part(part(4))
+    con.part(part(4))
+    con.out.flush()
+    text = os.read(master, 1 << 16).decode()
+    tty.close()
+    os.close(master)
+    assert text.count("\r\x1b[2K") == 3 and "\n" not in text.replace("\r\n", "")
+    assert text.rstrip().endswith("ETA 0:00:00") and "rows 8/8 (100%)" in text
