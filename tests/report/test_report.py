@@ -164,3 +164,21 @@ def test_100k_rows_stay_responsive(tmp_path, browser, capsys):
         print(f"\n100k-row report: {size / 1e6:.1f} MB HTML; table {t1 - t0:.1f} s, `grm-ray report` {t2 - t1:.1f} s, "
               f"Chromium load + first page {t3 - t2:.1f} s (in-page {browser.js('document.body.dataset.renderMs')} ms), "
               f"filter {t4 - t3:.2f} s")
+
+
+def test_report_reads_parts_up_to_the_limit_and_says_so(tmp_path):
+    out = tmp_path / "scored"
+    out.mkdir()
+    pq.write_table(synth(100, seed=1), out / "part-a.parquet")
+    pq.write_table(synth(100, seed=2), out / "part-b.parquet")
+    pq.write_table(synth(100, seed=3), out / "part-c.parquet")
+    cli = CliRunner()
+    res = cli.invoke(app, ["report", str(out), "-o", str(tmp_path / "r.html"), "--limit", "150"])
+    assert res.exit_code == 0, res.output
+    assert "(150 rows" in res.stdout and "shows the first 150" in res.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert page.count('"row-99"') == 1 and '"row-49"' in page  # part a whole, part b's first 50
+    res = cli.invoke(app, ["report", str(out), "-o", str(tmp_path / "all.html")])
+    assert "(300 rows" in res.stdout and "warning" not in res.stderr
+    res = cli.invoke(app, ["report", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.html")])
+    assert res.exit_code == 2 and "cannot read scored output" in res.output
