@@ -172,10 +172,11 @@ class Console:
                 f"elapsed {_duration(elapsed)} | ETA {eta}{self._engines()}")
 
     def _rate(self) -> float:
-        """Rows per second since the first committed part (engine start-up left out), else overall."""
+        """Rows per second since the first committed part: engine start-up left out, so no ETA before the
+        second part (0)."""
         if self._first and self.rows > self._first[1] and _now() > self._first[0]:
             return (self.rows - self._first[1]) / (_now() - self._first[0])
-        return self.rows / max(_now() - self.t0, 1e-9)
+        return 0.0
 
     @staticmethod
     def _engines() -> str:
