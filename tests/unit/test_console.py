@@ -115,6 +115,7 @@ def test_a_terminal_gets_one_line_redrawn(tmp_path):
     """On a TTY the status is one line rewritten in place (carriage return + clear line), no newline per part."""
     import os
     import pty
+    import select
 
     master, slave = pty.openpty()
     tty = os.fdopen(slave, "w")
@@ -124,7 +125,10 @@ def test_a_terminal_gets_one_line_redrawn(tmp_path):
     con.part(part(4))
     con.part(part(4))
     con.out.flush()
-    text = os.read(master, 1 << 16).decode()
+    text = b""
+    while select.select([master], [], [], 0.5)[0]:  # a pty hands the output over in pieces
+        text += os.read(master, 1 << 16)
+    text = text.decode()
     tty.close()
     os.close(master)
     assert text.count("\r\x1b[2K") == 3 and "\n" not in text.replace("\r\n", "")
