@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -52,6 +53,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
     con = Console(cfg.output, verbose=cfg.verbose)
     error = None
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     with con.capture():
         log.info("grm-ray score, resolved config:\n%s", json.dumps(cfg.public(), indent=2))
         con.echo(f"grm-ray score {cfg.input} -> {cfg.output} (model {cfg.model}, k={cfg.k}, meta {cfg.meta_mode}); "
@@ -61,6 +63,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             log.info("summary: %s", json.dumps(summary, indent=2, default=str))
         except (JobError, FileNotFoundError, PermissionError) as e:
             error = e
+        finally:
+            if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()  # the Ray this run started: its late worker logs go to the log file
     if error is not None:
         raise _fail(f"{error}\n(details in {con.log_file})")
     con.summary(summary)
