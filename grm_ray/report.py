@@ -124,7 +124,7 @@ PAGE = """<!doctype html>
 </select></label>
 <label>margin below <input id="low" type="number" step="0.5" value="1" style="width:4em"></label>
 <label>Sort <select id="sort"><option value="input">input order</option><option value="margin">margin, low first</option>
-<option value="-margin">margin, high first</option><option value="conf">confidence, low first</option>
+<option value="-margin">margin, high first</option><option value="conf" class="conf">confidence, low first</option>
 <option value="id">id</option></select></label>
 <label>id contains <input id="q" type="search" style="width:10em"></label>
 <div id="stats"></div></header>
@@ -146,7 +146,7 @@ const st = {filter: "all", low: 1, sort: "input", q: "", page: 0, open: new Set(
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const fmt = (v) => v === null || v === undefined ? "" : (typeof v === "number" ? +v.toFixed(2) : v);
-if (!D.has_confidence) document.querySelectorAll(".conf").forEach((e) => e.remove());
+if (!D.has_confidence) document.querySelectorAll(".conf, option[value=conf]").forEach((e) => e.remove());
 
 function keep(i) {
   if (st.q && !String(X.id[i]).includes(st.q)) return false;

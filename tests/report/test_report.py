@@ -140,6 +140,7 @@ def test_page_without_confidence_and_from_a_link(tmp_path, browser):
     url = _report(tmp_path, synth(120, confidence=False), "noconf")
     browser.open(url + "#filter=error&open=5", ready="document.body.dataset.shown")
     assert browser.js("document.querySelector('th.conf')") is None
+    assert browser.js("document.querySelector('option[value=conf]')") is None
     assert _listed(browser) == ["row-5", "row-102"]
     assert "field 'chosen' is empty" in browser.js("document.querySelector('#list').innerText")
 
