@@ -214,21 +214,25 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
                                                           "fingerprints": prints})
 
 
-def run(cfg: JobConfig) -> dict[str, Any]:
+def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
     """Score cfg.input into cfg.output; resumable; one writer at a time; returns the run summary (also in
-    _job.json)."""
+    _job.json).
+
+    `progress` (e.g. console.Console) is told the plan's row counts, start(total, done), and each committed
+    part's summary row, part(row): the live display of `grm-ray score`.
+    """
     t0 = time.time()
     fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     storage.make_output_dir(fs, out_dir)
     lease = Lease(fs, out_dir, cfg.lease_expiry)
     lease.acquire()
     try:
-        return _run(cfg, fs, out_dir, lease, t0)
+        return _run(cfg, fs, out_dir, lease, t0, progress)
     finally:
         lease.release()
 
 
-def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict[str, Any]:
+def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progress: Any) -> dict[str, Any]:
     check_previous_job(cfg, fs, out_dir)
     inputs = scan_inputs(cfg)
     led = read_ledger(fs, out_dir)
@@ -249,6 +253,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict
     for key, why in p.bad_files.items():
         log.error("input %s skipped: %s", key, why)
     totals = collections.Counter()
+    if progress:
+        progress.start(p.total_rows, p.skipped_rows)
     if p.units:
         init_ray(cfg)
         dups = duplicate_ids(cfg, inputs)
@@ -262,6 +268,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict
                     totals.update({k: v for k, v in row.items() if k != "part"})
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
+                    if progress:
+                        progress.part(row)
         except JobError:
             raise
         except Exception as e:  # a task or actor failed for good, after Ray's retries (traceback logged above)

@@ -197,7 +197,11 @@ def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | N
 
 
 def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> str:
-    """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory."""
+    """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory.
+
+    An empty table is written as its schema with no row group: pyarrow writes one row group of 0 rows,
+    from which `datasets` takes a batch size of 0 and fails (ArrowInvalid: BatchSize must be greater than 0).
+    """
     fs, path = filesystem(uri, endpoint_url)
     if not path.endswith(".parquet"):
         fs.makedirs(path, exist_ok=True)
@@ -207,5 +211,8 @@ def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> s
         if parent:
             fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+        if table.num_rows:
+            pq.write_table(table, f)
+        else:
+            pq.ParquetWriter(f, table.schema).close()
     return path
