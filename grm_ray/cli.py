@@ -67,7 +67,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()  # the Ray this run started: its late worker logs go to the log file
     if error is not None:
-        raise _fail(f"{error}\n(details in {con.log_file})")
+        typer.echo(f"(details in {con.log_file})", err=True)
+        raise _fail(str(error))  # the error is the last line a user (or a wrapper script) reads
     con.summary(summary)
     if summary["bad_files"]:
         raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
