@@ -158,7 +158,7 @@ class GRMSampler:
                 r = rows[i]
                 n = len(r[RESPONSES])
                 count = min(round_size[i] if drawn[i] else first[i], cfg.k - drawn[i])
-                for order, c in prompts.orderings(n, count, start=drawn[i]):
+                for order, c in prompts.orderings(n, count, seed=item_seed(cfg.seed, r[ID]), start=drawn[i]):
                     # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
                     seed = item_seed(cfg.seed, f"{r[ID]}/{drawn[i]}/{order}")
                     requests.append((i, order, c, self._prompt(r, order), seed))
@@ -244,7 +244,7 @@ class GRMSampler:
             return False
         if self.cfg.adaptive == "exact":
             return voting.decided_exact([sum(col) for col in zip(*valid)], remaining)
-        return voting.decided_confident(valid, remaining, self.cfg.risk, rounds)
+        return voting.decided_confident(valid, remaining, self.cfg.risk)
 
 
 class MetaScorer:
