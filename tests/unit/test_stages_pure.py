@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grm_ray import schema as S
+from grm_ray import voting
 from grm_ray.config import JobConfig
 from grm_ray.parsing import last_box
 from grm_ray.prompts import orderings, render_grm_prompt
@@ -176,10 +177,12 @@ def test_vote_stage_through_apply():
     assert (ok["n_samples"], ok["n_valid"], ok["n_kept"]) == (3, 2, 2)
     assert [s["kept"] for s in ok["samples"]] == [True, True, False]
     assert ok["error"] is None
+    assert ok["confidence"] == pytest.approx(voting.confidence([[8, 3], [6, 5]], 0)) and 0.5 < ok["confidence"] < 1
+    assert none["confidence"] is None
 
     # a row with an error passes through with null scores and its error
     assert bad["error"] == "f.parquet, row 1: field 'responses' is empty"
-    for key in ("rewards", "vote_totals", "best_index", "margin", "tie", "samples"):
+    for key in ("rewards", "vote_totals", "best_index", "margin", "tie", "confidence", "samples"):
         assert bad[key] is None
     assert (bad["n_samples"], bad["n_valid"], bad["n_kept"]) == (0, 0, 0)
 
