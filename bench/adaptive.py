@@ -7,7 +7,7 @@ does not seed requests), so a live winner may differ where the full-k vote is cl
 checked by the replay.
 
 Replay: the full-k run's stored samples are fed back in the order the adaptive sampler draws them (sample t
-has the order prompts.sample_order gives it; bench.confident.drawing_order) and the stage's own stopping
+has the order prompts.sample_order gives it; grm_ray.evaluate.drawing_order) and the stage's own stopping
 rule (GRMSampler._done) decides after each round. Exact: the winner at the stop must equal the full-k
 winner for every item. Confident: for each risk, the share of samples saved and of items whose winner
 differs from full Voting@k. Replays at smaller k use the first k samples drawn in the same run.
@@ -44,10 +44,10 @@ def replay_all(items: list[dict[str, Any]], ns: dict[str, int], k: int, cfg: Any
 
     Each item's samples are put in the order the sampler drew them (bench.confident.drawing_order); a
     replay at k below the run's k uses the first k of them, as a k-sample run would have drawn."""
-    from bench.confident import drawing_order, replay_items
+    from bench.confident import replay_items
+    from grm_ray.evaluate import drawing_order
 
-    seqs = [(it["id"], ns[it["id"]], drawing_order({"id": it["id"], "responses": [None] * ns[it["id"]],
-                                                    "samples": it["samples"]}, seed)) for it in items]
+    seqs = [(it["id"], ns[it["id"]], drawing_order(it["id"], ns[it["id"]], it["samples"], seed)) for it in items]
     r = replay_items(seqs, k, cfg.adaptive, cfg.risk, seed)
     return {"items": r["items"], "samples_saved": r["samples_saved"], "tokens_saved": r["tokens_saved"],
             "winner_changed": r["winner_changed"]}

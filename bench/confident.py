@@ -16,9 +16,7 @@ Voting@k (seeded tie-break, as the Vote stage): share of changed winners, sample
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from collections import defaultdict, deque
 from typing import Any, Sequence
 
 import numpy as np
@@ -123,42 +121,25 @@ def grid(items: list[tuple[str, int, list[dict[str, Any]]]], ks: Sequence[int], 
 
 
 def sim_items(scores: np.ndarray) -> list[tuple[str, int, list[dict[str, Any]]]]:
-    return [(f"sim{i}", 2, [{"scores": [int(a), int(b)], "valid": True} for a, b in row])
-            for i, row in enumerate(scores)]
-
-
-def drawing_order(row: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    """A stored row's samples in the order the sampler drew them: sample t has prompts.sample_order(n, item
-    seed, t); samples of one order are exchangeable (one request with n), so each queue is read in turn."""
-    from grm_ray.prompts import sample_order
-    from grm_ray.stages import item_seed
-
-    n = len(row["responses"])
-    queues: dict[tuple[int, ...], deque] = defaultdict(deque)
-    for s in row["samples"]:
-        queues[tuple(s["order"])].append(s)
-    out = []
-    for t in range(len(row["samples"])):
-        q = queues.get(sample_order(n, item_seed(seed, row["id"]), t))
-        if not q:
-            raise ValueError(f"row {row['id']!r}: its stored orders are not those of seed {seed}; was it scored "
-                             "with another seed or an older grm-ray?")
-        out.append(q.popleft())
-    return out
+    """Simulated pairs as stored samples; the model has no position effect, the orders alternate."""
+    return [(f"sim{i}", 2, [{"scores": [int(a), int(b)], "valid": True, "order": [t % 2, 1 - t % 2]}
+                            for t, (a, b) in enumerate(row)]) for i, row in enumerate(scores)]
 
 
 def stored_items(paths: Sequence[str]) -> tuple[list[tuple[str, int, list[dict[str, Any]]]], int, int]:
     """Scored outputs -> items (pairs and lists with >= 2 responses and no error), their seed and k."""
     from grm_ray.storage import read_table
 
+    from grm_ray.evaluate import drawing_order, run_seed
+
     items, ks, seed = [], set(), 0
     for path in paths:
         table = read_table(path)
-        job = json.loads((table.schema.metadata or {}).get(b"grm_ray.job", b"{}"))
-        seed = job.get("config", {}).get("seed", 0)
+        seed = run_seed(table)
         for row in table.select(["id", "responses", "samples", "error"]).to_pylist():
             if row["error"] is None and row["samples"] and len(row["responses"]) > 1:
-                items.append((row["id"], len(row["responses"]), drawing_order(row, seed)))
+                n = len(row["responses"])
+                items.append((row["id"], n, drawing_order(row["id"], n, row["samples"], seed)))
                 ks.add(len(row["samples"]))
     return items, seed, min(ks) if ks else 0
 

@@ -116,7 +116,7 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
           plot: Optional[Path] = typer.Option(None, help="Draw the Voting@k / MetaRM@k curves into this PNG."),
           seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves."),
           stability: bool = typer.Option(False, "--stability", help="Hold out samples: how often the winner of "
-                                         "j of each item's k samples agrees with all k, against the predicted "
+                                         "the first j of each item's k samples agrees with all k, against the predicted "
                                          "confidence (reliability table, ECE). Needs no labels."),
           reliability_plot: Optional[Path] = typer.Option(
               None, "--reliability-plot", help="Draw the reliability diagram(s) (stability, labels) into this PNG."),
@@ -138,7 +138,7 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
         return
     report = evaluate(table, seed=seed)
     if stability or reliability_plot:
-        report["stability"] = held_out(table, seed=seed)
+        report["stability"] = held_out(table)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if plot:
         if not report["curves"]["items"]:

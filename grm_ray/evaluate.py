@@ -140,11 +140,10 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
     judged: dict[str, list] = {"pairwise": [], "best_of_n": []}
     single: list[tuple[float, int]] = []
     by_subset: dict[str, tuple[list, list]] = {}
-    conf_hits: list[tuple[float, bool]] = []
+    conf_hits: list[tuple[float, float]] = []
     n_samples = invalid = shown = first_wins = tied_top = 0
     no_bias = 0.0
-    for row in _rows(table, [S.LABEL, S.RESPONSES, S.REWARDS, S.SAMPLES, S.ERROR, SUBSET, S.BEST_INDEX,
-                             S.CONFIDENCE]):
+    for row in _rows(table, [S.LABEL, S.RESPONSES, S.REWARDS, S.SAMPLES, S.ERROR, SUBSET, S.CONFIDENCE]):
         counts["rows"] += 1
         samples = row.get(S.SAMPLES) or []
         for s in samples:
@@ -179,7 +178,7 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
             pairs.append(_judge(rewards, label, len(responses)))
             judged["pairwise" if len(responses) == 2 else "best_of_n"].append(pairs[-1])
             if row.get(S.CONFIDENCE) is not None:
-                conf_hits.append((row[S.CONFIDENCE], row[S.BEST_INDEX] == label))
+                conf_hits.append((row[S.CONFIDENCE], pairs[-1][1]))  # a tie counts as its tie-break's expectation
 
     subsets = {}
     for name, (pairs, singles) in sorted(by_subset.items()):
@@ -302,9 +301,10 @@ def format_paper_table(t: dict[str, Any]) -> str:
 CONF_BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
-def reliability(pairs: Sequence[tuple[float, bool]]) -> dict[str, Any]:
-    """Reliability table of predicted probabilities against outcomes: per bin the count, mean prediction and
-    observed rate, and the expected calibration error ECE = sum over bins of share x |observed - predicted|."""
+def reliability(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Reliability table of predicted probabilities against outcomes (0..1, a tie-break's expectation):
+    per bin the count, mean prediction and observed rate, and the expected calibration error ECE = sum over
+    bins of share x |observed - predicted|."""
     p = np.array([x for x, _ in pairs], dtype=float)
     y = np.array([h for _, h in pairs], dtype=float)
     bins, ece = [], 0.0
@@ -318,44 +318,75 @@ def reliability(pairs: Sequence[tuple[float, bool]]) -> dict[str, Any]:
             "bins": bins}
 
 
-def stability(table: pa.Table, js: Sequence[int] | None = None, seed: int = 0) -> dict[str, Any]:
-    """How often the plain-vote winner of j held-out samples agrees with the winner of all k stored samples,
-    against the probability the confident rule's posterior predicts for it (voting.flip_probability with
-    k - j samples to come). The j samples are a random subset (seeded per row and j): "the first j" of a
-    random drawing order. Rows: no error, n >= 2, at least 2 samples. Default js: 1, 2, 4, ... below k.
-    Winners use the Vote stage's seeded tie-break (the run's seed, from the Parquet metadata when present).
-    """
+def drawing_order(item_id: str, n: int, samples: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """A stored row's samples in the order the sampler drew them: sample t was shown prompts.sample_order(n,
+    item seed, t); samples of one order are exchangeable (one request with n), so each order's queue is read
+    in turn. ValueError when the stored orders are not those of `seed` (another seed, an older grm-ray)."""
+    from collections import defaultdict, deque
+
+    from .prompts import sample_order
+    from .stages import item_seed
+
+    queues: dict[tuple[int, ...], deque] = defaultdict(deque)
+    for s in samples:
+        queues[tuple(s["order"])].append(s)
+    out = []
+    for t in range(len(samples)):
+        q = queues.get(sample_order(n, item_seed(seed, item_id), t))
+        if not q:
+            raise ValueError(f"row {item_id!r}: its stored orders are not those seed {seed} draws")
+        out.append(q.popleft())
+    return out
+
+
+def _leaders(totals: Sequence[float] | None) -> set[int]:
+    return {i for i, t in enumerate(totals) if t == max(totals)} if totals else set()
+
+
+def run_seed(table: pa.Table) -> int:
+    """The scoring run's seed, from the job record in the Parquet metadata (0 when absent)."""
     import json
 
+    return json.loads((table.schema.metadata or {}).get(b"grm_ray.job", b"{}")).get("config", {}).get("seed", 0)
+
+
+def stability(table: pa.Table, js: Sequence[int] | None = None) -> dict[str, Any]:
+    """How often the plain-vote winner of an item's first j samples (in the order the sampler drew them, as an
+    adaptive run sees them) agrees with the winner of all k stored samples, against the probability the
+    confident rule's posterior predicts for it (voting.flip_probability with k - j samples to come).
+    Rows: no error, n >= 2, at least 2 samples, orders those of the run's seed. Default js: n, 2n, 4n, ...
+    below k (whole balanced blocks). Ties follow the random tie-break as an expectation: two independent
+    tie-breaks among leader sets A and B agree with probability |A & B| / (|A| |B|).
+    """
     from .stages import item_seed
     from .voting import flip_probability
 
-    job = json.loads((table.schema.metadata or {}).get(b"grm_ray.job", b"{}"))
-    run_seed = job.get("config", {}).get("seed", 0)
-    pairs: list[tuple[float, bool]] = []
-    by_j: dict[int, list[tuple[float, bool]]] = {}
+    seed = run_seed(table)
+    pairs: list[tuple[float, float]] = []
+    by_j: dict[int, list[tuple[float, float]]] = {}
     skipped = 0
     for row in _rows(table, [S.ID, S.RESPONSES, S.SAMPLES, S.ERROR]):
         samples, responses = row.get(S.SAMPLES) or [], row.get(S.RESPONSES)
         if row.get(S.ERROR) is not None or responses is None or len(responses) < 2 or len(samples) < 2:
             continue
-        n, k, tie_seed = len(responses), len(samples), item_seed(run_seed, row[S.ID])
-        full = vote(samples, seed=tie_seed, n=n)["best_index"]
-        if full is None:
+        n, k, tie_seed = len(responses), len(samples), item_seed(seed, row[S.ID])
+        try:
+            samples = drawing_order(row[S.ID], n, samples, seed)
+        except ValueError:
+            skipped += 1
             continue
-        rng = random.Random(f"{seed}:{row[S.ID]}")
-        for j in js or [2**p for p in range((k - 1).bit_length()) if 2**p < k]:
-            if j >= k:
+        full = _leaders(vote(samples, n=n)["vote_totals"])
+        for j in js or [n * 2**p for p in range(k.bit_length()) if n * 2**p < k]:
+            first = samples[:j]
+            result = vote(first, seed=tie_seed, n=n)
+            if j >= k or result["best_index"] is None or not full:
                 continue
-            sub = [samples[t] for t in sorted(rng.sample(range(k), j))]
-            won = vote(sub, seed=tie_seed, n=n)["best_index"]
-            if won is None:
-                skipped += 1
-                continue
-            valid = [s["scores"] for s in sub if s["scores"] is not None]
-            pair = (1.0 - flip_probability(valid, k - j, won), won == full)
-            pairs.append(pair)
-            by_j.setdefault(j, []).append(pair)
+            valid = [s for s in first if s["scores"] is not None]
+            pred = 1.0 - flip_probability([s["scores"] for s in valid], k - j, result["best_index"],
+                                          [s["order"] for s in valid])
+            won = _leaders(result["vote_totals"])
+            pairs.append((pred, len(won & full) / (len(won) * len(full))))
+            by_j.setdefault(j, []).append(pairs[-1])
     if not pairs:
         return {"n": 0, "skipped": skipped}
     return {**reliability(pairs), "skipped": skipped,

@@ -76,7 +76,9 @@ def vote(samples: Sequence[Mapping[str, Any]], k_meta: int | None = None, seed: 
     result.update(
         rewards=rewards, vote_totals=totals, best_index=best, tie=len(leaders) > 1,
         margin=rewards[best] - max(others) if others else None,
-        confidence=confidence([samples[i]["scores"] for i in kept], best),
+        confidence=confidence([samples[i]["scores"] for i in kept], best,
+                              [samples[i]["order"] for i in kept] if all(samples[i].get("order") for i in kept)
+                              else None),
     )
     return result
 
@@ -107,12 +109,16 @@ PRIOR_DOF = 4.0
 
 
 def flip_probability(score_rows: Sequence[Sequence[float]], remaining: int | None = None,
-                     best: int | None = None) -> float:
+                     best: int | None = None, orders: Sequence[Sequence[int]] | None = None) -> float:
     """Posterior probability that the leader `best` (default: the highest total) is not the winner after
     `remaining` more samples (None: infinitely many, i.e. that its true mean score is not the highest).
 
     Per rival j the posterior predictive of the future sum of d_j is Student-t (normal model above); a
     flip is a final d-total <= 0 (a tie counts as a flip). Rivals are combined by a union bound, capped at 1.
+    With `orders` (each row's shown order), position bias is taken out: the samples of one rival are grouped
+    by where the leader and the rival were shown, the mean gap is the equal-weight mean of the group means
+    (the orders are balanced, GRM_SPEC section 4) and the variance is pooled within groups; future samples
+    are assumed balanced too.
     >>> round(flip_probability([[8, 3], [7, 4], [9, 3], [8, 2]], remaining=28), 3)
     0.006
     """
@@ -125,31 +131,41 @@ def flip_probability(score_rows: Sequence[Sequence[float]], remaining: int | Non
     if n < 2:
         return 0.0
     best = int(np.argmax(rows.sum(0))) if best is None else best
-    d = rows[:, [best]] - np.delete(rows, best, axis=1)  # m x (n-1)
-    mean = d.mean(0)
-    dof = PRIOR_DOF + m - 1
-    var = (PRIOR_DOF * PRIOR_VAR + ((d - mean) ** 2).sum(0)) / dof
-    if remaining is None:
-        p = stdtr(dof, -mean / np.sqrt(var / m))
-    elif remaining <= 0:
-        p = (d.sum(0) <= 0).astype(float)
-    else:
-        r = remaining
-        p = stdtr(dof, (0.5 - (m + r) * mean) / np.sqrt(var * (r + r * r / m)))
-    return float(min(1.0, p.sum()))
+    pos = np.argsort(np.asarray(orders), axis=1) if orders is not None else np.zeros((m, n), dtype=int)
+    total = 0.0
+    for j in range(n):
+        if j == best:
+            continue
+        d = rows[:, best] - rows[:, j]
+        _, group, sizes = np.unique(pos[:, best] * n + pos[:, j], return_inverse=True, return_counts=True)
+        means = np.bincount(group, weights=d) / sizes
+        mean = means.mean()
+        dof = PRIOR_DOF + m - len(sizes)
+        var = (PRIOR_DOF * PRIOR_VAR + ((d - means[group]) ** 2).sum()) / dof
+        var_mean = var * (1 / sizes).sum() / len(sizes) ** 2  # = var / m for one group
+        if remaining is None:
+            total += stdtr(dof, -mean / np.sqrt(var_mean))
+        elif remaining <= 0:
+            total += float(d.sum() <= 0)
+        else:
+            r = remaining
+            total += stdtr(dof, (0.5 - d.sum() - r * mean) / np.sqrt(var * r + r * r * var_mean))
+    return float(min(1.0, total))
 
 
-def confidence(score_rows: Sequence[Sequence[float]], best: int) -> float | None:
+def confidence(score_rows: Sequence[Sequence[float]], best: int,
+               orders: Sequence[Sequence[int]] | None = None) -> float | None:
     """Probability that more samples would not change the winner `best`: 1 - flip_probability(rows, None).
 
     None for single responses (nothing to change) and items without a valid sample.
     """
     if not score_rows or len(score_rows[0]) < 2:
         return None
-    return 1.0 - flip_probability(score_rows, None, best)
+    return 1.0 - flip_probability(score_rows, None, best, orders)
 
 
-def decided_confident(score_rows: Sequence[Sequence[int]], remaining: int, risk: float) -> bool:
+def decided_confident(score_rows: Sequence[Sequence[int]], remaining: int, risk: float,
+                      orders: Sequence[Sequence[int]] | None = None) -> bool:
     """Stop once the posterior predictive chance that `remaining` more samples change the plain-vote
     winner is at most `risk` (or the exact rule already stops)."""
     if remaining <= 0:
@@ -158,4 +174,4 @@ def decided_confident(score_rows: Sequence[Sequence[int]], remaining: int, risk:
         return False
     if decided_exact([sum(col) for col in zip(*score_rows)], remaining):
         return True
-    return flip_probability(score_rows, remaining) <= risk
+    return flip_probability(score_rows, remaining, orders=orders) <= risk

@@ -177,7 +177,7 @@ def test_vote_stage_through_apply():
     assert (ok["n_samples"], ok["n_valid"], ok["n_kept"]) == (3, 2, 2)
     assert [s["kept"] for s in ok["samples"]] == [True, True, False]
     assert ok["error"] is None
-    assert ok["confidence"] == pytest.approx(voting.confidence([[8, 3], [6, 5]], 0)) and 0.5 < ok["confidence"] < 1
+    assert ok["confidence"] == pytest.approx(voting.confidence([[8, 3], [6, 5]], 0, [[0, 1], [1, 0]])) and 0.5 < ok["confidence"] < 1
     assert none["confidence"] is None
 
     # a row with an error passes through with null scores and its error
