@@ -6,7 +6,7 @@ RewardBench weighs it, with the figures of GRM_SPEC section 7 beside them (grm_r
 The run is `grm-ray score` itself (resumable: a rerun only prints the table again).
 
 Reward Bench as Parquet (prompt, chosen, rejected, subset, id; read as the dpo format, `subset` kept):
-    python -c "from datasets import load_dataset; load_dataset('allenai/reward-bench', split='filtered').to_parquet('rb.parquet')"
+    python -c "from datasets import load_dataset as l; l('allenai/reward-bench', split='filtered').to_parquet('rb.parquet')"
 Then, on GPUs (DeepSeek-GRM-27B + MetaRM, k=32, k_meta=16):
     python -m bench.paper --config jobs/configs/deepseek-grm-27b.yaml --input rb.parquet --output rb-scored/
 The same table from any stored run: grm-ray eval rb-scored/ --paper

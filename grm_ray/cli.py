@@ -115,9 +115,9 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Draw the Voting@k / MetaRM@k curves into this PNG."),
           seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves."),
-          stability: bool = typer.Option(False, "--stability", help="Hold out samples: how often the winner of "
-                                         "the first j of each item's k samples agrees with all k, against the predicted "
-                                         "confidence (reliability table, ECE). Needs no labels."),
+          stability: bool = typer.Option(False, "--stability", help="Hold out samples: how often the winner "
+                                         "of the first j of each item's k samples agrees with all k, against "
+                                         "the predicted confidence (reliability table, ECE). Needs no labels."),
           reliability_plot: Optional[Path] = typer.Option(
               None, "--reliability-plot", help="Draw the reliability diagram(s) (stability, labels) into this PNG."),
           paper: bool = typer.Option(False, "--paper", help="Print the paper-style Reward Bench table "

@@ -55,7 +55,7 @@ class JobConfig(BaseModel):
     seed: int = Field(0, description="Seed for sampling and tie-breaks; a rerun with the same seed repeats.")
     structured: bool = Field(False, description="Constrain output so it always ends in a parseable score box.")
     adaptive: Literal["off", "exact", "confident"] = Field(
-        "off", description="Sample in rounds and stop items early: exact never changes the winner (not with a meta RM).")
+        "off", description="Sample in rounds and stop items early: exact never changes the winner (no meta RM).")
     risk: float = Field(0.01, gt=0, lt=1, description="For adaptive=confident: allowed chance of a changed winner.")
     hint: bool = Field(False, description="Append 'The best response is: Response X' from the label (RFT data).")
     chat_fallback: Literal["plain", "gemma"] = Field(

@@ -401,7 +401,7 @@ def format_reliability(title: str, rel: dict[str, Any]) -> str:
     lines += [f"  {b['lo']:.2f}-{b['hi']:.2f}   {b['n']:>8}{_pct(b['predicted']):>11}{_pct(b['observed']):>10}"
               for b in rel["bins"]]
     if rel.get("by_j"):
-        lines.append("  by held-out j: " + ", ".join(
+        lines.append("  by j: " + ", ".join(
             f"j={j}: {_pct(v['predicted'])} predicted / {_pct(v['observed'])} agree" for j, v in rel["by_j"].items()))
     return "\n".join(lines)
 
@@ -466,8 +466,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(format_reliability("Confidence against labels (winner = labelled best)",
                                         r["confidence_vs_labels"]))
     if r.get("stability"):
-        lines.append(format_reliability("Stability (winner of j held-out samples = winner of all k)", r["stability"])
-                     if r["stability"]["n"] else "Stability: no rows with 2+ samples")
+        title = "Stability (winner of the first j samples = winner of all k)"
+        lines.append(format_reliability(title, r["stability"]) if r["stability"]["n"]
+                     else "Stability: no rows with 2+ samples in the run's orders")
     if r["subsets"]:
         lines.append("Subsets (score = random tie-break accuracy, or AUC for single responses):")
         width = max(len(name) for name in r["subsets"])

@@ -50,8 +50,8 @@ NORMALIZED = pa.schema([
 SAMPLED = pa.schema([(SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string())])
 VOTED = pa.schema([
     (REWARDS, pa.list_(pa.float64())), (VOTE_TOTALS, pa.list_(pa.float64())), (BEST_INDEX, pa.int64()),
-    (MARGIN, pa.float64()), (TIE, pa.bool_()), (CONFIDENCE, pa.float64()), (N_SAMPLES, pa.int64()), (N_VALID, pa.int64()),
-    (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
+    (MARGIN, pa.float64()), (TIE, pa.bool_()), (CONFIDENCE, pa.float64()), (N_SAMPLES, pa.int64()),
+    (N_VALID, pa.int64()), (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
 ])
 OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names)]
 

@@ -326,7 +326,7 @@ def test_stability_is_calibrated_and_reported(tmp_path, bias):
     obs = [st_["by_j"][j]["observed"] for j in ("2", "4", "8")]
     assert obs == sorted(obs) and abs(st_["by_j"]["8"]["predicted"] - obs[-1]) < 0.05
     text = format_reliability("Stability", st_)
-    assert "expected calibration error" in text and "by held-out j" in text
+    assert "expected calibration error" in text and "by j: j=2" in text
     png = tmp_path / "rel.png"
     plot_reliability({"stability": st_}, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
