@@ -5,6 +5,7 @@ DeepSeek-GRM models were trained on (GRM_SPEC section 2); the prose is ours.
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Sequence
 
@@ -167,7 +168,11 @@ def orderings(n: int, k: int, seed: int = 0, start: int = 0) -> list[tuple[list[
 
 def sample_order(n: int, seed: int, t: int) -> tuple[int, ...]:
     """Sample t's order: row (t mod n) of block t // n's random Latin square L[r][p] = sym[(row[r] + col[p]) % n]."""
-    rng = random.Random(f"order:{seed}:{t // n}")
+    return _latin_square(n, seed, t // n)[t % n]
+
+
+@functools.lru_cache(maxsize=1024)
+def _latin_square(n: int, seed: int, block: int) -> tuple[tuple[int, ...], ...]:
+    rng = random.Random(f"order:{seed}:{block}")
     sym, row, col = (rng.sample(range(n), n) for _ in range(3))
-    r = row[t % n]
-    return tuple(sym[(r + col[p]) % n] for p in range(n))
+    return tuple(tuple(sym[(row[r] + col[p]) % n] for p in range(n)) for r in range(n))
