@@ -54,7 +54,8 @@ def replay_all(items: list[dict[str, Any]], ns: dict[str, int], k: int, cfg: Any
 
 
 def rule_frontier(k: int, risk: float) -> list[dict[str, Any]]:
-    """Pairs: after m samples, the smallest vote lead at which each rule stops (both depend on totals only).
+    """Pairs: after m samples, the smallest vote lead at which each rule stops (the confident rule also
+    depends on the spread: here the lead comes from samples of 10,1 and one remainder, the rest 5,5).
 
     Returns the states where the confident rule stops and the exact rule does not: m, the lead the
     confident rule needs, the lead exact needs (> 9 x remaining), both per sample. Empty: confident never
