@@ -8,6 +8,9 @@ export HF_HUB_OFFLINE ?= 1
 # it fails to load beside the CPU torch and breaks transformers imports (vLLM does not need it for text).
 setup:
 	$(PYTHON) -m pip install -q -e ".[cpu,test]"
+	# RewardBench's own scoring, for tests/unit/test_evaluate.py; --no-deps: its declared deps (torch pins,
+	# fastchat, trl, wandb...) serve its model runners, the scoring code imports nothing.
+	$(PYTHON) -m pip install -q --no-deps rewardbench==0.1.4
 	$(PYTHON) -m pip uninstall -q -y torchvision torchaudio torchcodec
 
 # Headless Chromium for the report tests (Debian's package); installed only when missing.

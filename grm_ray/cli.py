@@ -157,17 +157,41 @@ def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the sco
 def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Draw the Voting@k / MetaRM@k curves into this PNG."),
-          seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves.")) -> None:
-    """Accuracy, best-of-N, sections, AUC, invalid share, position bias and voting@k curves of a scored run."""
-    from .evaluate import evaluate, format_report, plot_curves
+          seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves."),
+          stability: bool = typer.Option(False, "--stability", help="Hold out samples: how often the winner "
+                                         "of the first j of each item's k samples agrees with all k, against "
+                                         "the predicted confidence (reliability table, ECE). Needs no labels."),
+          reliability_plot: Optional[Path] = typer.Option(
+              None, "--reliability-plot", help="Draw the reliability diagram(s) (stability, labels) into this PNG."),
+          paper: bool = typer.Option(False, "--paper", help="Print the paper-style Reward Bench table "
+                                     "(Voting@1/8/32, MetaRM@8/32 per section, paper figures beside) instead.")
+          ) -> None:
+    """Accuracy, best-of-N, sections, AUC, invalid share, position bias, confidence and voting@k curves."""
+    from .evaluate import (evaluate, format_paper_table, format_report, paper_table, plot_curves,
+                           plot_reliability)
+    from .evaluate import stability as held_out
 
-    report = evaluate(_read_scored(scored), seed=seed)
+    table = _read_scored(scored)
+    if paper:
+        try:
+            t = paper_table(table, seed=seed)
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        typer.echo(json.dumps(t, indent=2) if as_json else format_paper_table(t))
+        return
+    report = evaluate(table, seed=seed)
+    if stability or reliability_plot:
+        report["stability"] = held_out(table)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if plot:
         if not report["curves"]["items"]:
             typer.secho("warning: no labelled multi-response items with samples; the plot is empty", err=True)
         plot_curves(report, str(plot))
         typer.echo(f"plot: {plot}", err=as_json)
+    if reliability_plot:
+        rels = {"stability": report["stability"], "against labels": report["confidence_vs_labels"]}
+        plot_reliability({k: v for k, v in rels.items() if v and v.get("n")}, str(reliability_plot))
+        typer.echo(f"reliability plot: {reliability_plot}", err=as_json)
 
 
 @app.command()

@@ -55,7 +55,7 @@ class JobConfig(BaseModel):
     seed: int = Field(0, description="Seed for sampling and tie-breaks; a rerun with the same seed repeats.")
     structured: bool = Field(False, description="Constrain output so it always ends in a parseable score box.")
     adaptive: Literal["off", "exact", "confident"] = Field(
-        "off", description="Sample in rounds and stop items early: exact never changes the winner.")
+        "off", description="Sample in rounds and stop items early: exact never changes the winner (no meta RM).")
     risk: float = Field(0.01, gt=0, lt=1, description="For adaptive=confident: allowed chance of a changed winner.")
     hint: bool = Field(False, description="Append 'The best response is: Response X' from the label (RFT data).")
     chat_fallback: Literal["plain", "gemma"] = Field(
@@ -117,6 +117,12 @@ class JobConfig(BaseModel):
             raise ValueError(f"k_meta ({self.k_meta}) cannot exceed k ({self.k})")
         if self.device == "cpu" and self.gpus_per_actor:
             raise ValueError(f"device=cpu conflicts with gpus_per_actor={self.gpus_per_actor}; drop one")
+        if self.adaptive != "off" and self.meta_mode != "none":
+            raise ValueError(
+                f"adaptive={self.adaptive} with meta_mode={self.meta_mode} is refused: the stopping rules watch the "
+                "plain vote, while meta-guided voting keeps the top k_meta samples by meta score, which a sample "
+                "not yet drawn can change, so an early stop could change the meta-guided winner; use "
+                "adaptive=off with a meta RM, or meta_mode=none to stop early")
         if self.meta_mode == "classifier" and not self.meta_model:
             raise ValueError("meta_mode=classifier needs meta_model (a sequence-classification model)")
         return self

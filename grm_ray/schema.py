@@ -21,6 +21,7 @@ VOTE_TOTALS = "vote_totals"  # sum of kept scores per response
 BEST_INDEX = "best_index"    # argmax of vote_totals, ties broken by a seeded RNG
 MARGIN = "margin"            # best reward minus the best other reward
 TIE = "tie"                  # whether the top total was shared
+CONFIDENCE = "confidence"    # posterior probability that more samples would not change best_index (null: n=1)
 N_SAMPLES = "n_samples"      # samples drawn (fewer than k when adaptive stopping saved some)
 N_VALID = "n_valid"          # samples whose scores parsed
 N_KEPT = "n_kept"            # samples that voted (top k_meta by meta score, or all valid)
@@ -49,8 +50,8 @@ NORMALIZED = pa.schema([
 SAMPLED = pa.schema([(SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string())])
 VOTED = pa.schema([
     (REWARDS, pa.list_(pa.float64())), (VOTE_TOTALS, pa.list_(pa.float64())), (BEST_INDEX, pa.int64()),
-    (MARGIN, pa.float64()), (TIE, pa.bool_()), (N_SAMPLES, pa.int64()), (N_VALID, pa.int64()),
-    (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
+    (MARGIN, pa.float64()), (TIE, pa.bool_()), (CONFIDENCE, pa.float64()), (N_SAMPLES, pa.int64()),
+    (N_VALID, pa.int64()), (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
 ])
 OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names)]
 

@@ -158,7 +158,7 @@ class GRMSampler:
                 r = rows[i]
                 n = len(r[RESPONSES])
                 count = min(round_size[i] if drawn[i] else first[i], cfg.k - drawn[i])
-                for order, c in prompts.orderings(n, count, start=drawn[i]):
+                for order, c in prompts.orderings(n, count, seed=item_seed(cfg.seed, r[ID]), start=drawn[i]):
                     # seeded per item, round and order: a rerun repeats, and adaptive rounds draw afresh
                     seed = item_seed(cfg.seed, f"{r[ID]}/{drawn[i]}/{order}")
                     requests.append((i, order, c, self._prompt(r, order), seed))
@@ -236,15 +236,16 @@ class GRMSampler:
         remaining = self.cfg.k - drawn
         if remaining <= 0:
             return True
-        return self._decided([s["scores"] for s in item[SAMPLES] if s["valid"]], remaining, rounds)
+        valid = [s for s in item[SAMPLES] if s["valid"]]
+        return self._decided([s["scores"] for s in valid], remaining, rounds, [s["order"] for s in valid])
 
-    def _decided(self, valid: list[list[int]], remaining: int, rounds: int) -> bool:
-        """The adaptive rule on the valid score rows so far, `remaining` samples still to come."""
+    def _decided(self, valid: list[list[int]], remaining: int, rounds: int, orders: list | None = None) -> bool:
+        """The adaptive rule on the valid score rows so far (shown in `orders`), `remaining` samples to come."""
         if not valid or len(valid[0]) < 2:
             return False
         if self.cfg.adaptive == "exact":
             return voting.decided_exact([sum(col) for col in zip(*valid)], remaining)
-        return voting.decided_confident(valid, remaining, self.cfg.risk, rounds)
+        return voting.decided_confident(valid, remaining, self.cfg.risk, orders)
 
 
 class MetaScorer:
