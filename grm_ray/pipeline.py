@@ -319,8 +319,8 @@ class _PendingWatch:
         from ray._private.state import state
 
         job = ray.get_runtime_context().get_job_id()
-        pending = [a for a in state.actor_table(None).values()
-                   if a.get("State") == "PENDING_CREATION" and a.get("JobID") == job]
+        pending = [a for a in state.actor_table(None).values()  # not placed yet (no process: Pid 0), not loading
+                   if a.get("State") == "PENDING_CREATION" and a.get("JobID") == job and not a.get("Pid")]
         if pending:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             fits = [n for n in nodes if all(n.get(k, 0) >= v for k, v in self.need.items() if v)]
