@@ -262,7 +262,6 @@ def fits(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     lines = ["| what | rows | files | peak RSS MiB | over import baseline MiB | seconds | units | load (1 min) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -314,22 +313,16 @@ def main() -> None:
 
     import shutil
 
-    for case in args.cases:
-        rows, files = parse_case(case)
-        inp = write_inputs(data, rows, files)
-        fresh = data / f"out-fresh-{rows}-{files}"
-        shutil.rmtree(fresh, ignore_errors=True)
-        record("plan", case, PLAN_NEW, inp, fresh, ROOT)
-        if not args.no_resume:
-            record("resume", case, PLAN_NEW, inp, write_committed(data, rows, files), ROOT)
-    for case in args.old:
-        rows, files = parse_case(case)
-        inp = write_inputs(data, rows, files)
-        fresh = data / f"out-old-{rows}-{files}"
-        shutil.rmtree(fresh, ignore_errors=True)
-        record("old", case, PLAN_OLD, inp, fresh, old)
-        if not args.no_resume:
-            record("old_resume", case, PLAN_OLD, inp, write_committed(data, rows, files), old)
+    for (fresh_kind, resume_kind), cases, code, path in [(("plan", "resume"), args.cases, PLAN_NEW, ROOT),
+                                                          (("old", "old_resume"), args.old, PLAN_OLD, old)]:
+        for case in cases:
+            rows, files = parse_case(case)
+            inp = write_inputs(data, rows, files)
+            fresh = data / f"out-{fresh_kind}-{rows}-{files}"
+            shutil.rmtree(fresh, ignore_errors=True)
+            record(fresh_kind, case, code, inp, fresh, path)
+            if not args.no_resume:
+                record(resume_kind, case, code, inp, write_committed(data, rows, files), path)
     for case in args.run:
         rows, files = parse_case(case)
         record("run", case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT)
