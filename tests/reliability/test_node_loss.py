@@ -30,7 +30,7 @@ from rel_util import Job, assert_exactly_once, assert_scored, cli_env, committed
 from grm_ray import storage  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.node_loss]
+pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.node_loss, pytest.mark.timeout(1500)]
 ROWS = 40
 GRM_NODE = {"grm_node": 1}
 
