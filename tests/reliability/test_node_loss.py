@@ -63,8 +63,9 @@ def start_head(env: dict[str, str]) -> RayHead:
         except BaseException:
             head.stop()
             raise
+        why = head.tail()
         head.stop()
-    raise RuntimeError(f"the Ray head did not start: {head.tail()}")
+    raise RuntimeError(f"the Ray head did not start after 4 tries; the last one's log: {why}")
 
 
 def add_grm_node(head: RayHead, env: dict[str, str], known: set[str]) -> RayHead:
@@ -82,8 +83,9 @@ def add_grm_node(head: RayHead, env: dict[str, str], known: set[str]) -> RayHead
         if node.proc.poll() is None and grm_nodes(head) - known:
             node.renice(0)
             return node
+        why = node.tail()
         node.stop()
-    raise RuntimeError(f"no worker node could join the head: {node.tail()}")
+    raise RuntimeError(f"no worker node could join the head after 4 starts; the last one's log: {why}")
 
 
 def test_worker_node_killed_mid_run(tiny_models, hh_table, tmp_path):
