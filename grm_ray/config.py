@@ -78,6 +78,10 @@ class JobConfig(BaseModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
     # run
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")
+    reuse: Optional[str] = Field(None, description="Previous output: rows whose item and result-changing options "
+                                 "are unchanged take its labels (reused=true); only the rest are scored.")
+    retry_errors: bool = Field(False, description="On a rerun, rescore rows committed with an engine-side error "
+                               "(no valid sample, prompt too long); input errors stay.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
     s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
 

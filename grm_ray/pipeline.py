@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .schema import ERROR, ID, NORMALIZED, OUTPUT_FIELDS, SOURCE, VOTED, detect_format, required_columns
+from .schema import ERROR, ID, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE, detect_format, required_columns
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, apply
 
 log = logging.getLogger(__name__)
 LIGHT_CPUS = 0.25  # read / vote / write tasks: light, and must not starve the engine actors of slots
-OUR_COLUMNS = set(NORMALIZED.names) | set(VOTED.names)
+OUR_COLUMNS = {f.name for f in OUTPUT_FIELDS}
 
 
 class JobError(RuntimeError):
@@ -166,21 +166,34 @@ class _StageActor:
         return apply(self.stage, table)
 
 
-def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str]) -> pa.Table:
-    """Vote, then commit the batch as one part file; returns one summary row."""
-    table = _locate_errors(apply(Vote(cfg), table))
-    order = [f.name for f in table.schema if f.name not in OUR_COLUMNS] + [f.name for f in OUTPUT_FIELDS]
-    table = table.select(order)
+def finalize(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
+    """The output row shape: the unified input columns, then ours (`reused` false unless a reuse set it)."""
+    if REUSED not in table.column_names:
+        table = table.append_column(REUSED, pa.array([False] * table.num_rows, pa.bool_()))
+    schema = pa.schema([*passthrough, *OUTPUT_FIELDS])
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str],
+           passthrough: pa.Schema) -> pa.Table:
+    """Commit the batch as one part file; returns one summary row (samples and tokens of this run only)."""
+    table = finalize(table, passthrough)
     fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     name = storage.write_part(fs, out_dir, table, metadata)
-    samples = table.column("samples").to_pylist()
+    reused = table.column(REUSED).to_pylist()
+    samples = [s for s, r in zip(table.column("samples").to_pylist(), reused) if not r]
     return pa.table({
-        "part": [posixpath.basename(name)], "rows": [table.num_rows],
+        "part": [posixpath.basename(name)], "rows": [table.num_rows], "reused": [sum(reused)],
         "errors": [table.num_rows - table.column(ERROR).null_count],
         "samples": [sum(len(s or []) for s in samples)],
         "valid": [sum(sum(x["valid"] for x in s or []) for s in samples)],
         "tokens": [sum(sum(x["n_tokens"] for x in s or []) for s in samples)],
     })
+
+
+def vote(table: pa.Table, cfg: JobConfig) -> pa.Table:
+    """Ray Data UDF: the Vote stage, with every row error located."""
+    return _locate_errors(apply(Vote(cfg), table))
 
 
 def _locate_errors(table: pa.Table) -> pa.Table:
@@ -229,17 +242,15 @@ def engine_resources(cfg: JobConfig) -> dict[str, Any]:
     return res
 
 
-def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_stage: type = GRMSampler):
-    """The Ray Data pipeline; nothing runs until it is consumed.
+def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler):
+    """Normalised rows -> voted rows: the GRM actor pool, the meta RM pool (optional) and Vote; lazy.
 
-    `grm_stage` is for measurements of the streaming machinery alone (bench/, memory bounds).
+    Shared by `grm-ray score` (before its commit) and `score_dataset`. `grm_stage` is for measurements of
+    the streaming machinery alone (bench/, memory bounds).
     """
     import ray
 
     res = engine_resources(cfg)
-    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
-                        fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
     # Engine pools autoscale between MIN and MAX actors; Ray Data restarts a dead actor and retries its
     # batch by default (max_restarts=-1, max_task_retries=-1).
     for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
@@ -247,8 +258,30 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
         ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), **res)
-    return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
-                          num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
+    return ds.map_batches(vote, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          fn_kwargs={"cfg": cfg})
+
+
+def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_stage: type = GRMSampler):
+    """The Ray Data pipeline; nothing runs until it is consumed (with --reuse, the join with the previous
+    output runs first; see reuse.py)."""
+    import ray
+
+    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                        fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
+    reused = None
+    if cfg.reuse:
+        from .reuse import split
+
+        reused, ds = split(ds, cfg, p.passthrough, p.total_rows - p.skipped_rows)
+    ds = add_scoring(ds, cfg, grm_stage)
+    if reused is not None:  # both branches in the output shape, so the commit's batches concatenate
+        fin = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"passthrough": p.passthrough})
+        ds = ds.map_batches(finalize, **fin).union(reused.map_batches(finalize, **fin))
+    return ds.map_batches(commit, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata,
+                                     "passthrough": p.passthrough})
 
 
 def _prepare_output(cfg: JobConfig) -> tuple[Any, str, set[str]]:
@@ -312,7 +345,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                            "committed parts are kept: fix the cause and rerun the same command to resume") from e
     storage.clean_temporaries(fs, out_dir)  # every task has ended: what a failed, retried write left goes
     summary = _verify(fs, out_dir, p)
-    summary.update(new_rows=totals["rows"], samples=totals["samples"], valid_samples=totals["valid"],
+    summary.update(new_rows=totals["rows"], reused_rows=totals["reused"], samples=totals["samples"], valid_samples=totals["valid"],
                    generated_tokens=totals["tokens"], wall_seconds=round(time.time() - t0, 2),
                    bad_files=p.bad_files)
     storage.write_json(fs, job_path, {**info, "status": "complete" if not p.bad_files else "incomplete",

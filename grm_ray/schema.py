@@ -26,6 +26,8 @@ N_VALID = "n_valid"          # samples whose scores parsed
 N_KEPT = "n_kept"            # samples that voted (top k_meta by meta score, or all valid)
 SAMPLES = "samples"          # every sample with its critique text: the audit trail
 ERROR = "error"              # why the row has no scores; null when fine
+CONTENT_KEY = "content_key"  # sha256 of the normalised item and the result-changing options (--reuse matches it)
+REUSED = "reused"            # the label was taken from a previous output (--reuse), not sampled in this run
 
 FORMATS = ("responses", "dpo", "hh")
 
@@ -44,7 +46,7 @@ SAMPLE_TYPE = pa.struct([
 
 NORMALIZED = pa.schema([
     (ID, pa.string()), (SOURCE, pa.string()), (MESSAGES, pa.list_(MESSAGE_TYPE)),
-    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()),
+    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()), (CONTENT_KEY, pa.string()),
 ])
 SAMPLED = pa.schema([(SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string())])
 VOTED = pa.schema([
@@ -52,7 +54,7 @@ VOTED = pa.schema([
     (MARGIN, pa.float64()), (TIE, pa.bool_()), (N_SAMPLES, pa.int64()), (N_VALID, pa.int64()),
     (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
 ])
-OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names)]
+OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names), pa.field(REUSED, pa.bool_())]
 
 
 class RowError(ValueError):
