@@ -305,6 +305,10 @@ def _prepare_output(cfg: JobConfig) -> tuple[Any, str, set[str]]:
     cleaned = storage.clean_temporaries(fs, out_dir)
     if cleaned:
         log.info("removed %d unfinished temporary file(s) from an interrupted run", cleaned)
+    if cfg.retry_errors:
+        from .retry import drop_engine_errors
+
+        drop_engine_errors(cfg, fs, out_dir)
     return fs, out_dir, set(storage.read_committed(fs, out_dir, [SOURCE]).column(SOURCE).to_pylist())
 
 

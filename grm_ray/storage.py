@@ -98,9 +98,14 @@ def write_part(fs: fsspec.AbstractFileSystem, out_dir: str, table: pa.Table,
     final = posixpath.join(out_dir, part_name(table.column("source").to_pylist()))
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
         k.encode(): v.encode() for k, v in metadata.items()}})
-    with _atomic(fs, final, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+    rewrite_part(fs, final, table)
     return final
+
+
+def rewrite_part(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write `table` as the part at `path`, replacing any part there in one rename (readers see old or new)."""
+    with _atomic(fs, path, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
 
 
 @contextlib.contextmanager
