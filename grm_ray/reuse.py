@@ -91,9 +91,12 @@ def read_previous(paths: pa.Table, cfg: Any, digest: str) -> Iterator[pa.Table]:
         yield pa.table(out).filter(pc.is_valid(keys))
 
 
-def _first(group: pa.Table) -> pa.Table:
-    """One previous row per content key (identical items scored twice before): a join must not duplicate."""
-    return group.slice(0, 1)
+def _first_per_key(block: pa.Table) -> pa.Table:
+    """One previous row per content key (an item scored twice before), so the join cannot duplicate a row.
+    Called on whole blocks of a dataset hash-partitioned by the key: a key's rows are all in one block."""
+    index = block.select([CONTENT_KEY]).append_column("i", pa.array(range(block.num_rows), pa.int64()))
+    first = index.group_by(CONTENT_KEY, use_threads=False).aggregate([("i", "min")]).column("i_min")
+    return block.take(first.take(pc.sort_indices(first)))
 
 
 def split(ds: Any, cfg: Any, passthrough: pa.Schema, rows: int) -> tuple[Any, Any]:
@@ -113,8 +116,9 @@ def split(ds: Any, cfg: Any, passthrough: pa.Schema, rows: int) -> tuple[Any, An
     prev = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts))
     prev = prev.map_batches(read_previous, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                             fn_kwargs={"cfg": cfg, "digest": digest})
-    prev = prev.groupby(CONTENT_KEY).map_groups(_first, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     partitions = max(1, min(1000, math.ceil(rows / ROWS_PER_JOIN_PARTITION)))
+    prev = prev.repartition(partitions, keys=[CONTENT_KEY]).map_batches(
+        _first_per_key, batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     left = pa.schema([*passthrough, *NORMALIZED])
     joined = ds.join(prev, "left_outer", num_partitions=partitions, on=(CONTENT_KEY,))
     joined = joined.map_batches(_restore, batch_format="pyarrow", num_cpus=LIGHT_CPUS,

@@ -7,7 +7,7 @@ import pytest
 
 from grm_ray import storage
 from grm_ray.pipeline import run
-from grm_ray.reuse import options_digest, read_previous
+from grm_ray.reuse import _first_per_key, options_digest, read_previous
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
@@ -73,3 +73,9 @@ def test_previous_output_without_content_keys(tmp_path, tiny_cfg, hh_table):
     other = options_digest(cfg.model_copy(update={"k": 4}).public())
     assert next(read_previous(pa.table({"path": [str(path)]}), cfg, other)).column("content_key").to_pylist() != \
         table.column("content_key").to_pylist()
+
+
+def test_one_previous_row_per_key():
+    block = pa.table({"content_key": ["a", "b", "a", "c", "b"], "_prev_rewards": [[1.0], [2.0], [3.0], [4.0], [5.0]]})
+    assert _first_per_key(block).to_pydict() == {"content_key": ["a", "b", "c"],
+                                                 "_prev_rewards": [[1.0], [2.0], [4.0]]}
