@@ -96,6 +96,30 @@ app.command("score")(_score)
 
 
 @app.command()
+def verify(output: str = typer.Argument(..., help="Scored output directory or s3:// URI."),
+           input: Optional[str] = typer.Option(None, "--input", help="The job's input: also check that every "
+                                               "input row is committed once and nothing else."),
+           s3_endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)."),
+           ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the audit on (default: a "
+                                                     "local Ray, or $RAY_ADDRESS).")) -> None:
+    """Row-level audit of a scored output, as a Ray Data job: every committed row once, each part's record
+    true to its rows; with --input, every input row present. Exit 0 when all holds, 1 otherwise."""
+    _setup_logging()
+    from .pipeline import init_ray
+    from .plan import JobError, audit
+
+    cfg = resolve(None, input=input or "", output=output, s3_endpoint_url=s3_endpoint_url, ray_address=ray_address)
+    init_ray(cfg)
+    try:
+        report = audit(cfg)
+    except (JobError, FileNotFoundError, PermissionError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise _fail("the output check failed (see above)", code=1)
+
+
+@app.command()
 def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the scored Parquet goes."),
          items: int = typer.Option(24, help="How many of the packaged HH-RLHF items to score."),
          k: int = typer.Option(4, help="GRM samples per item.")) -> None:

@@ -68,16 +68,28 @@ class JobConfig(BaseModel):
     # resources
     grm_actors: tuple[int, int] = Field((1, 1), description="GRM actor pool size, MIN or MIN,MAX (autoscales).")
     meta_actors: tuple[int, int] = Field((1, 1), description="Meta RM actor pool size, MIN or MIN,MAX.")
+    device: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="Where engine actors run. auto: GPUs on a Ray cluster (asked for even before a GPU "
+        "node is up, so the autoscaler adds one) and on a local Ray with GPUs; CPU on a local Ray without.")
     gpus_per_actor: Optional[float] = Field(
-        None, ge=0, description="GPUs per engine actor (>1 = tensor parallel); default 1 with GPUs, else 0.")
+        None, ge=0, description="GPUs per engine actor when on GPU (>1 = tensor parallel); default 1. 0 = CPU.")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description='Custom Ray resources per engine actor, JSON: {"node:gpu-a100": 0.01}.')
     cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per engine actor.")
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="vLLM memory share (of CPU memory on CPU); default 0.9 GPU / 0.3 CPU.")
     batch_size: int = Field(16, ge=1, description="Items per engine call; larger keeps GPUs busier.")
-    rows_per_file: int = Field(1000, ge=1, description="Rows per committed output part (the resume granularity).")
+    rows_per_file: int = Field(4096, ge=1, description="Rows per committed output part at most (the resume granularity).")
+    part_bytes: int = Field(128 << 20, ge=1 << 10, description="Bytes (in memory) per output part at most; "
+                            "a batch larger than this is committed as several parts.")
+    unit_rows: int = Field(8192, ge=1, description="Input rows per read task at most (big row groups are split).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
     # run
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")
+    rescore_changed: bool = Field(False, description="On resume, drop the labels of input files that changed "
+                                  "since they were scored and score them again (default: refuse, naming them).")
+    lease_expiry: float = Field(180, ge=5, description="Seconds without a heartbeat after which another job "
+                                "may take over this output's writer lease.")
     reuse: Optional[str] = Field(None, description="Previous output: rows whose item and result-changing options "
                                  "are unchanged take its labels (reused=true); only the rest are scored.")
     retry_errors: bool = Field(False, description="On a rerun, rescore rows committed with an engine-side error "
@@ -90,7 +102,7 @@ class JobConfig(BaseModel):
     def _parse_pool(cls, v: Any) -> tuple[int, int]:
         return _pool(v)
 
-    @field_validator("engine_kwargs", mode="before")
+    @field_validator("engine_kwargs", "actor_resources", mode="before")
     @classmethod
     def _parse_json(cls, v: Any) -> Any:
         """The command line gives engine_kwargs as a JSON string."""
@@ -105,6 +117,8 @@ class JobConfig(BaseModel):
     def _check(self) -> "JobConfig":
         if self.k_meta is not None and self.k_meta > self.k:
             raise ValueError(f"k_meta ({self.k_meta}) cannot exceed k ({self.k})")
+        if self.device == "cpu" and self.gpus_per_actor:
+            raise ValueError(f"device=cpu conflicts with gpus_per_actor={self.gpus_per_actor}; drop one")
         if self.meta_mode == "classifier" and not self.meta_model:
             raise ValueError("meta_mode=classifier needs meta_model (a sequence-classification model)")
         return self

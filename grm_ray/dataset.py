@@ -28,7 +28,8 @@ def score_dataset(ds: Any, **options: Any) -> Any:
     input column and adds the scoring columns (README, Output); a row that cannot be scored carries
     `error`. Rows without an `id` are keyed by their content, so identical rows draw identical samples.
     """
-    from .pipeline import LIGHT_CPUS, _format, add_scoring
+    from .pipeline import LIGHT_CPUS, add_scoring
+    from .plan import _format
 
     cfg = load_config(None, **options)
     if cfg.reuse or cfg.retry_errors:

@@ -4,10 +4,9 @@ Engine-side errors are those of rows that normalised fine (`responses` is set): 
 longer than the model context (a larger --max-model-len may fit it). Input errors (a bad field, a duplicate
 id, an unreadable file) leave `responses` null and stay: rescoring cannot change them.
 
-Each committed part holding such rows is rewritten in place without them (temporary file, then a rename
-over the same name: atomic on local disks and S3), in Ray tasks, one per part. The dropped rows are then
-simply not done, so the run scores them like any row left by an interrupted run; a crash between the
-rewrite and their new commit loses nothing (the rerun scores them again).
+Each committed part holding such rows is rewritten without them by plan.rewrite_parts (in Ray tasks, one per
+part); its record then no longer lists them, so the plan has them as rows to score, like those an interrupted
+run left. A crash in between loses nothing: the next run scores whatever is not committed.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
+from .plan import rewrite_parts
 from .schema import ERROR, RESPONSES
 
 log = logging.getLogger(__name__)
@@ -30,24 +30,13 @@ def engine_errors(table: pa.Table) -> pa.ChunkedArray:
 
 
 def drop_part_errors(paths: pa.Table, cfg: Any) -> pa.Table:
-    """Ray Data UDF: rewrite each part without its engine-error rows; returns how many each dropped."""
+    """Ray Data UDF: rewrite each part without its engine-error rows (probing two columns first)."""
+    fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     dropped = []
     for path in paths.column("path").to_pylist():
-        fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            probe = pf.read(columns=[ERROR, RESPONSES])
-        bad = engine_errors(probe)
-        dropped.append(pc.sum(bad).as_py() or 0)
-        if not dropped[-1]:
-            continue
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)  # schema metadata (the job record) comes with it
-        keep = table.filter(pc.invert(bad))
-        if keep.num_rows:
-            storage.rewrite_part(fs, path, keep)
-        else:
-            fs.rm(path)
+            probe = pq.read_table(f, columns=[ERROR, RESPONSES])
+        dropped.append(rewrite_parts(fs, [path], engine_errors) if pc.any(engine_errors(probe)).as_py() else 0)
     return pa.table({"dropped": pa.array(dropped, pa.int64())})
 
 

@@ -59,7 +59,7 @@ def _sha(text: str) -> str:
 
 def previous_parts(cfg: Any) -> tuple[list[str], str]:
     """The committed parts of cfg.reuse and the options digest of the job that wrote them (driver: one listing)."""
-    from .pipeline import JobError
+    from .plan import JobError
 
     fs, prev_dir = storage.filesystem(cfg.reuse, cfg.s3_endpoint_url)
     job = storage.read_json(fs, posixpath.join(prev_dir, storage.JOB_FILE))

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grm_ray import storage
+from grm_ray import plan, storage
 from rel_util import Job, assert_exactly_once, assert_scored, cli_env, job_args, job_status, wait_for
 
 pytestmark = [pytest.mark.ray]
@@ -38,7 +38,9 @@ def check_parts_complete(out, rows_per_part: int) -> set[str]:
     for p in parts(out):
         table = pq.read_table(p)  # raises on a truncated file
         assert table.num_rows == rows_per_part, (p.name, table.num_rows)
-        assert p.name == storage.part_name(table.column("source").to_pylist())
+        meta = table.schema.metadata
+        assert meta[plan.RECORD_KEY] == plan.part_record(table.column("source").to_pylist(), {})[plan.RECORD_KEY]
+        assert p.name == storage.part_name({k: meta[k] for k in (plan.RECORD_KEY, plan.FINGERPRINT_KEY)})
         seen += table.column("source").to_pylist()
     assert len(seen) == len(set(seen)), "a row is in two parts"
     return set(seen)
