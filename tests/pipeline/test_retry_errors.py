@@ -32,7 +32,7 @@ def test_retry_errors_rescores_engine_errors_once(ray_local, tiny_cfg, tmp_path)
     assert run(cfg)["new_rows"] == 0
     summary = run(cfg.model_copy(update={"retry_errors": True, "max_model_len": 2048}))
     after = storage.read_table(cfg.output).to_pylist()
-    assert collections.Counter(r["source"] for r in after) == collections.Counter(before)  # each row once
+    assert collections.Counter(r["source"] for r in after) == {s: 1 for s in before}  # each row once
     rows = {r["source"]: r for r in after}
     assert rows["q.parquet#1"]["error"] is None and len(rows["q.parquet#1"]["rewards"]) == 2
     assert rows["q.parquet#3"]["error"] == before["q.parquet#3"]["error"]  # input error: not retried
@@ -41,3 +41,12 @@ def test_retry_errors_rescores_engine_errors_once(ray_local, tiny_cfg, tmp_path)
     assert summary["new_rows"] == 1 and summary["error_rows"] == 1
     untouched = [p for p, m in parts.items() if os.path.exists(p) and os.path.getmtime(p) == m]
     assert len(untouched) == len(parts) - 1  # only the part that held row 1 was rewritten
+
+
+def test_only_engine_errors_are_retried():
+    from grm_ray.retry import engine_errors
+
+    table = pa.table({"error": [None, "a.parquet, row 1: field 'responses' is empty",
+                                "a.parquet, row 2: no valid sample: none of 4 samples ...", None],
+                      "responses": [["x", "y"], None, ["x", "y"], None]})
+    assert engine_errors(table).to_pylist() == [False, False, True, False]
