@@ -400,7 +400,8 @@ def _error_rows(fs: Any, out_dir: str) -> int:
     def nulls(path: str) -> int:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        i = meta.schema.to_arrow_schema().get_field_index(ERROR)
+        # the Parquet leaf column of `error` (nested columns before it have several leaves each)
+        i = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == ERROR)
         errs = 0
         for g in range(meta.num_row_groups):
             col = meta.row_group(g).column(i)

@@ -50,3 +50,17 @@ def test_only_engine_errors_are_retried():
                                 "a.parquet, row 2: no valid sample: none of 4 samples ...", None],
                       "responses": [["x", "y"], None, ["x", "y"], None]})
     assert engine_errors(table).to_pylist() == [False, False, True, False]
+
+
+def test_error_rows_counted_from_the_error_column(tmp_path):
+    """The summary's error_rows reads the `error` leaf's statistics, not those of a column before it."""
+    import fsspec
+
+    from grm_ray.pipeline import _error_rows
+    from grm_ray.schema import OUTPUT_FIELDS
+
+    rows = [{f.name: None for f in OUTPUT_FIELDS} for _ in range(3)]
+    rows[0]["error"] = "a.parquet, row 0: field 'responses' is empty"
+    rows[1]["messages"] = [{"role": "user", "content": "q"}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(OUTPUT_FIELDS)), tmp_path / "part-a.parquet")
+    assert _error_rows(fsspec.filesystem("file"), str(tmp_path)) == 1
