@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -42,15 +43,32 @@ def resolve(config_file: str | None, **options: Any) -> JobConfig:
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Print the resolved config, run the pipeline, print the summary; exit non-zero on failure."""
+    """Run the pipeline behind one progress display and print a summary table; exit non-zero on failure.
+
+    The resolved config and Ray / vLLM output go to the log file beside the output (console.log_path);
+    cfg.verbose shows them on the console as well.
+    """
+    from .console import Console
     from .pipeline import JobError, run
 
-    typer.echo("grm-ray score, resolved config:\n" + json.dumps(cfg.public(), indent=2))
-    try:
-        summary = run(cfg)
-    except (JobError, FileNotFoundError, PermissionError) as e:
-        raise _fail(str(e)) from None
-    typer.echo("summary: " + json.dumps(summary, indent=2))
+    con = Console(cfg.output, verbose=cfg.verbose)
+    error = None
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    with con.capture():
+        log.info("grm-ray score, resolved config:\n%s", json.dumps(cfg.public(), indent=2))
+        con.echo(f"grm-ray score {cfg.input} -> {cfg.output} (model {cfg.model}, k={cfg.k}, meta {cfg.meta_mode}); "
+                 f"log: {con.log_file}")
+        try:
+            summary = run(cfg, progress=con)
+            log.info("summary: %s", json.dumps(summary, indent=2, default=str))
+        except (JobError, FileNotFoundError, PermissionError) as e:
+            error = e
+        finally:
+            if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()  # the Ray this run started: its late worker logs go to the log file
+    if error is not None:
+        raise _fail(f"{error}\n(details in {con.log_file})")
+    con.summary(summary)
     if summary["bad_files"]:
         raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
                     "every other row was scored", code=3)
@@ -151,6 +169,24 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
         typer.echo(f"plot: {plot}", err=as_json)
 
 
+@app.command()
+def report(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
+           out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
+           limit: int = typer.Option(100_000, help="Show at most this many rows (the first parts' rows).")) -> None:
+    """Write one self-contained HTML page to audit a scored output: critiques, votes, filters, sort."""
+    from .report import read, render
+
+    try:
+        table, total = read(scored, limit)
+    except (FileNotFoundError, OSError) as e:
+        raise _fail(f"cannot read scored output {scored}: {e}") from None
+    out.write_text(render(table, f"grm-ray report: {scored}"), encoding="utf-8")
+    typer.echo(f"wrote {out} ({table.num_rows} rows, {out.stat().st_size / 1e6:.1f} MB)")
+    if total is None or total > table.num_rows:
+        typer.secho(f"warning: the output has more rows than --limit {limit}; the report shows the first "
+                    f"{table.num_rows}", fg="yellow", err=True)
+
+
 def _read_scored(uri: str):
     from .storage import read_table
 
@@ -160,10 +196,18 @@ def _read_scored(uri: str):
         raise _fail(f"cannot read scored output {uri}: {e}") from None
 
 
-def _write(out: str, table) -> None:
+def _write(out: str, table, scored_rows: int, skipped: dict[str, int]) -> None:
+    """Write an export; say on stderr what was skipped and, when nothing is left, why the file is empty."""
     from .storage import write_table
 
     typer.echo(f"wrote {table.num_rows} rows to {write_table(out, table)}")
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    if not table.num_rows:
+        typer.secho(f"warning: the export is empty (columns only): of {scored_rows} scored rows, "
+                    f"{why or 'none were given'}. Note that datasets.load_dataset refuses any empty split "
+                    "('corresponds to no data'); streaming=True reads it.", fg="yellow", err=True)
+    elif why:
+        typer.echo(f"skipped: {why}", err=True)
 
 
 Fmt = typer.Option("standard", "--format", help="TRL column convention: standard (strings) or conversational.")
@@ -183,7 +227,7 @@ def export_dpo(scored: str, out: str,
     if mode not in ("pairs", "best-of-n"):
         raise _fail(f"--mode must be pairs or best-of-n, got {mode!r}")
     fn = export.export_dpo if mode == "pairs" else export.export_best_of_n
-    _write(out, _exported(fn, _read_scored(scored), min_margin=min_margin, fmt=fmt))
+    _export(out, fn, _read_scored(scored), min_margin=min_margin, fmt=fmt)
 
 
 @app.command("export-rft")
@@ -192,7 +236,7 @@ def export_rft(scored: str, out: str, threshold: int = typer.Option(6, help="Sin
     """Rejective fine-tuning data (SPCT stage 1): correct samples of items that are not too easy."""
     from . import export
 
-    _write(out, _exported(export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt))
+    _export(out, export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt)
 
 
 @app.command("export-meta")
@@ -209,15 +253,19 @@ def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    _write(out, _exported(export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
-                          fallback=chat_fallback))
+    _export(out, export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
+            fallback=chat_fallback)
 
 
-def _exported(fn, table, **kwargs):
+def _export(out: str, fn, table, **kwargs) -> None:
+    from collections import Counter
+
+    skipped: Counter = Counter()
     try:
-        return fn(table, **kwargs)
+        result = fn(table, skipped=skipped, **kwargs)
     except (KeyError, ValueError) as e:
         raise _fail(f"{fn.__name__}: {e}") from None
+    _write(out, result, table.num_rows, skipped)
 
 
 @dev.command("tiny-models")

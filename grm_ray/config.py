@@ -96,6 +96,8 @@ class JobConfig(BaseModel):
                                "(no valid sample, prompt too long); input errors stay.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
     s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+    verbose: bool = Field(False, description="Show Ray / vLLM start-up logs and warnings on the console too "
+                          "(always in the log file beside the output).")
 
     @field_validator("grm_actors", "meta_actors", mode="before")
     @classmethod

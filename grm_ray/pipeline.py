@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .plan import (JobError, Lease, Plan, check_counts, duplicate_ids, make_plan, parallel, part_record,
-                   read_ledger, rewrite_parts, rows_of_files, scan_inputs)
+from .plan import (OUR_COLUMNS, RESULT_KEYS, JobError, Lease, Plan, check_counts, check_previous_job,  # noqa: F401
+                   duplicate_ids, error_rows, make_plan, part_record, read_ledger, rewrite_parts, rows_of_files,
+                   scan_inputs)
 from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, apply
 
@@ -249,51 +250,26 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
                                      "passthrough": passthrough})
 
 
-# Options that change results: resuming with a different value would mix two jobs in one output.
-RESULT_KEYS = ("input", "input_format", "max_responses", "model", "k", "temperature", "top_p", "max_tokens",
-               "seed", "structured", "adaptive", "risk", "hint", "chat_fallback", "meta_mode", "meta_model",
-               "k_meta")
-
-
-def _check_previous(cfg: JobConfig, fs: Any, out_dir: str) -> None:
-    """Refuse to mix two jobs' results in one output; start afresh with --overwrite (under the lease)."""
-    job_path = posixpath.join(out_dir, storage.JOB_FILE)
-    if cfg.overwrite:
-        for path in storage.committed_parts(fs, out_dir) + [job_path]:
-            if fs.exists(path):
-                fs.rm(path)
-    previous = storage.read_json(fs, job_path)
-    if previous:
-        changed = {k: (v, cfg.public().get(k)) for k, v in previous["config"].items()
-                   if k in RESULT_KEYS and cfg.public().get(k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
-            raise JobError(f"output {cfg.output} holds results of a different job ({diff}); "
-                           "rerun with the same options to resume, or pass --overwrite to start afresh")
-    elif storage.committed_parts(fs, out_dir):
-        raise JobError(f"output {cfg.output} holds part files but no {storage.JOB_FILE}; "
-                       "use another output or --overwrite")
-    cleaned = storage.clean_temporaries(fs, out_dir)
-    if cleaned:
-        log.info("removed %d unfinished temporary file(s) from an interrupted run", cleaned)
-
-
-def run(cfg: JobConfig) -> dict[str, Any]:
+def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
     """Score cfg.input into cfg.output; resumable; one writer at a time; returns the run summary (also in
-    _job.json)."""
+    _job.json).
+
+    `progress` (e.g. console.Console) is told the plan's row counts, start(total, done), and each committed
+    part's summary row, part(row): the live display of `grm-ray score`.
+    """
     t0 = time.time()
     fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     storage.make_output_dir(fs, out_dir)
     lease = Lease(fs, out_dir, cfg.lease_expiry)
     lease.acquire()
     try:
-        return _run(cfg, fs, out_dir, lease, t0)
+        return _run(cfg, fs, out_dir, lease, t0, progress)
     finally:
         lease.release()
 
 
-def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict[str, Any]:
-    _check_previous(cfg, fs, out_dir)
+def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progress: Any) -> dict[str, Any]:
+    check_previous_job(cfg, fs, out_dir)
     inputs = scan_inputs(cfg)
     led = read_ledger(fs, out_dir)
     p = make_plan(cfg, inputs, led)
@@ -318,6 +294,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict
     for key, why in p.bad_files.items():
         log.error("input %s skipped: %s", key, why)
     totals = collections.Counter()
+    if progress:
+        progress.start(p.total_rows, p.skipped_rows)
     if p.units:
         init_ray(cfg)
         dups = duplicate_ids(cfg, inputs)
@@ -331,6 +309,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict
                     totals.update({k: v for k, v in row.items() if k != "part"})
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
+                    if progress:
+                        progress.part(row)
         except JobError:
             raise
         except Exception as e:  # a task or actor failed for good, after Ray's retries (traceback logged above)
@@ -350,7 +330,7 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float) -> dict
                "valid_samples": totals["valid"],
                "generated_tokens": totals["tokens"], "wall_seconds": round(time.time() - t0, 2),
                "bad_files": p.bad_files, "orphaned_rows": p.orphans, "parts": led.parts}
-    summary["error_rows"] = _error_rows(fs, out_dir)
+    summary["error_rows"] = error_rows(fs, out_dir)
     storage.write_json(fs, job_path, {**info, "status": "complete" if not p.bad_files else "incomplete",
                                       "summary": summary})
     return summary
@@ -393,26 +373,6 @@ class _PendingWatch:
                         "smaller --gpus-per-actor)" if not fits else "nodes that fit are busy",
                         len(nodes), have)
         return len(pending)
-
-
-def _error_rows(fs: Any, out_dir: str) -> int:
-    """Rows with an error across committed parts, from each part's column statistics (footers only)."""
-    def nulls(path: str) -> int:
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        # the Parquet leaf column of `error` (nested columns before it have several leaves each)
-        i = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == ERROR)
-        errs = 0
-        for g in range(meta.num_row_groups):
-            col = meta.row_group(g).column(i)
-            stats = col.statistics
-            if stats is None or not stats.has_null_count:
-                with fs.open(path, "rb") as f:
-                    return pq.read_table(f, columns=[ERROR]).column(ERROR).count()
-            errs += meta.row_group(g).num_rows - stats.null_count
-        return errs
-
-    return sum(parallel(nulls, storage.committed_parts(fs, out_dir)))
 
 
 def _cause(e: BaseException) -> str:

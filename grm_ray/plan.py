@@ -14,6 +14,7 @@ a glob's fixed prefix), so files that appear elsewhere never change the keys of 
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .schema import ID, OUTPUT_FIELDS, detect_format, required_columns
+from .schema import ERROR, ID, OUTPUT_FIELDS, detect_format, required_columns
 
 log = logging.getLogger(__name__)
 THREADS = 32  # footers and part records are small reads: latency-bound, so many at once
@@ -274,6 +275,40 @@ def read_ledger(fs: Any, out_dir: str) -> Ledger:
     return led
 
 
+def rewrite_parts(fs: Any, parts: Iterable[str], drop: Callable[[pa.Table], pa.Array]) -> int:
+    """Rewrite committed parts without the rows where `drop(table)` is true (in parallel); returns rows dropped.
+
+    Each part is deleted before its remainder is written under a new name: a crash in between loses the
+    kept rows from the output, and the next run scores them again, where the other order would leave them
+    committed twice.
+    """
+    def one(path: str) -> int:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        mask = drop(table)
+        n = pa.compute.sum(mask).as_py() or 0
+        if not n:
+            return 0
+        meta = dict(table.schema.metadata or {})
+        prints = json.loads(meta.get(FINGERPRINT_KEY, b"{}"))
+        kept = table.filter(pa.compute.invert(mask))
+        fs.rm(path)
+        if kept.num_rows:
+            record = part_record(kept.column("source").to_pylist(), prints)
+            storage.write_part(fs, posixpath.dirname(path), kept.replace_schema_metadata(meta), {}, record)
+        return n
+
+    return sum(parallel(one, parts, threads=4))  # whole parts in memory: a few at a time
+
+
+def rows_of_files(keys: set[str]) -> Callable[[pa.Table], pa.Array]:
+    """A `rewrite_parts` predicate: rows whose `source` belongs to one of the file keys."""
+    def drop(table: pa.Table) -> pa.Array:
+        files = [s.rpartition("#")[0] for s in table.column("source").to_pylist()]
+        return pa.array([f in keys for f in files], pa.bool_())
+    return drop
+
+
 # ---- planning ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -356,6 +391,56 @@ def check_counts(inputs: Inputs, led: Ledger) -> None:
                        "rerun the same command to resume, or run `grm-ray verify` for a row-level audit")
 
 
+# Options that change results: resuming with a different value would mix two jobs in one output.
+RESULT_KEYS = ("input", "input_format", "max_responses", "model", "k", "temperature", "top_p", "max_tokens",
+               "seed", "structured", "adaptive", "risk", "hint", "chat_fallback", "meta_mode", "meta_model",
+               "k_meta")
+
+
+def check_previous_job(cfg: JobConfig, fs: Any, out_dir: str) -> None:
+    """Refuse to mix two jobs' results in one output; start afresh with --overwrite (under the lease)."""
+    job_path = posixpath.join(out_dir, storage.JOB_FILE)
+    if cfg.overwrite:
+        doomed = storage.committed_parts(fs, out_dir) + ([job_path] if fs.exists(job_path) else [])
+        if doomed:
+            fs.rm(doomed)  # one call: s3fs deletes in batches of 1000 keys
+    previous = storage.read_json(fs, job_path)
+    if previous:
+        changed = {k: (v, cfg.public().get(k)) for k, v in previous["config"].items()
+                   if k in RESULT_KEYS and cfg.public().get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
+            raise JobError(f"output {cfg.output} holds results of a different job ({diff}); "
+                           "rerun with the same options to resume, or pass --overwrite to start afresh")
+    elif storage.committed_parts(fs, out_dir):
+        raise JobError(f"output {cfg.output} holds part files but no {storage.JOB_FILE}; "
+                       "use another output or --overwrite")
+    cleaned = storage.clean_temporaries(fs, out_dir)
+    if cleaned:
+        log.info("removed %d unfinished temporary file(s) from an interrupted run", cleaned)
+
+
+
+def error_rows(fs: Any, out_dir: str) -> int:
+    """Rows with an error across committed parts, from each part's column statistics (footers only)."""
+    def nulls(path: str) -> int:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        # the Parquet leaf column of `error` (nested columns before it have several leaves each)
+        i = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == ERROR)
+        errs = 0
+        for g in range(meta.num_row_groups):
+            col = meta.row_group(g).column(i)
+            stats = col.statistics
+            if stats is None or not stats.has_null_count:
+                with fs.open(path, "rb") as f:
+                    return pq.read_table(f, columns=[ERROR]).column(ERROR).count()
+            errs += meta.row_group(g).num_rows - stats.null_count
+        return errs
+
+    return sum(parallel(nulls, storage.committed_parts(fs, out_dir)))
+
+
 # ---- one writer -------------------------------------------------------------------------------------------
 
 class Lease:
@@ -398,13 +483,19 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours; never raises (it runs in a `finally`
+        whose own error matters more), an undeleted lease just expires."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
-        with self._locked():
-            holder, _ = self._read()
-            if holder and holder.get("id") == self.owner["id"]:
-                self.fs.rm(self.path)
+        try:
+            with self._locked():
+                holder, _ = self._read()
+                if holder and holder.get("id") == self.owner["id"]:
+                    self.fs.rm(self.path)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not release the output lease %s (it expires after %.0fs): %s",
+                        storage.uri(self.fs, self.path), self.expiry, e)
 
     def _stale(self, holder: dict[str, Any]) -> str | None:
         age = time.time() - holder.get("heartbeat", 0)
@@ -443,14 +534,20 @@ class Lease:
         if storage.is_s3(self.fs):
             try:
                 self.fs.pipe_file(self.path, data, **({"mode": "create"} if create else {"IfMatch": etag}))
-            except Exception as e:  # noqa: BLE001 - a failed precondition: another job wrote first
-                holder, _ = self._read()
+            except OSError as e:
+                if not (isinstance(e, FileExistsError) or e.errno == errno.EINVAL):  # not a failed precondition
+                    with storage.naming(self.fs, self.path, "write"):
+                        raise
+                holder, _ = self._read()  # another job wrote first ...
+                if holder and holder.get("id") == self.owner["id"]:
+                    return  # ... unless a retried request had already written ours (a dropped response)
                 raise JobError(f"another job took the output lease first: "
                                f"{self.describe(holder) if holder else e}") from None
         else:
-            tmp = f"{self.path}.tmp-{self.owner['id']}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, self.path)
+            with storage.naming(self.fs, self.path, "write"):
+                tmp = f"{self.path}.tmp-{self.owner['id']}"
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, self.path)
 
     def _locked(self):
         """An exclusive lock around read-check-write on a local disk; S3 relies on conditional writes."""
@@ -488,40 +585,6 @@ def _alive(pid: int | None, started: float | None) -> bool:
             return False
     except Exception:  # noqa: BLE001 - psutil.NoSuchProcess and friends
         return False
-
-
-def rewrite_parts(fs: Any, parts: Iterable[str], drop: Callable[[pa.Table], pa.Array]) -> int:
-    """Rewrite committed parts without the rows where `drop(table)` is true (in parallel); returns rows dropped.
-
-    Each part is deleted before its remainder is written under a new name: a crash in between loses the
-    kept rows from the output, and the next run scores them again, where the other order would leave them
-    committed twice.
-    """
-    def one(path: str) -> int:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-        mask = drop(table)
-        n = pa.compute.sum(mask).as_py() or 0
-        if not n:
-            return 0
-        meta = dict(table.schema.metadata or {})
-        prints = json.loads(meta.get(FINGERPRINT_KEY, b"{}"))
-        kept = table.filter(pa.compute.invert(mask))
-        fs.rm(path)
-        if kept.num_rows:
-            record = part_record(kept.column("source").to_pylist(), prints)
-            storage.write_part(fs, posixpath.dirname(path), kept.replace_schema_metadata(meta), {}, record)
-        return n
-
-    return sum(parallel(one, parts, threads=4))  # whole parts in memory: a few at a time
-
-
-def rows_of_files(keys: set[str]) -> Callable[[pa.Table], pa.Array]:
-    """A `rewrite_parts` predicate: rows whose `source` belongs to one of the file keys."""
-    def drop(table: pa.Table) -> pa.Array:
-        files = [s.rpartition("#")[0] for s in table.column("source").to_pylist()]
-        return pa.array([f in keys for f in files], pa.bool_())
-    return drop
 
 
 # ---- row-level audit --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 from a previous output; only new or changed rows reach the engine pools.
 
 A row's content key is the sha256 of its normalised item (messages, responses, label) and a digest of the
-result-changing options (pipeline.RESULT_KEYS except `input`), computed in Normalize and kept in the
+result-changing options (plan.RESULT_KEYS except `input`), computed in Normalize and kept in the
 output's `content_key` column. Matching is one Ray Data hash join on that key, never a lookup on the driver:
 
     normalised rows --left outer join on content_key--> previous output (rows without error, one per key)
@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
+from .plan import RESULT_KEYS, JobError
 from .schema import CONTENT_KEY, ERROR, LABEL, MESSAGES, NORMALIZED, RESPONSES, REUSED, VOTED
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ ROWS_PER_JOIN_PARTITION = 20_000     # join partitions are sized for this many i
 
 def options_digest(config: dict[str, Any]) -> str:
     """sha256 of the result-changing options of a resolved config (`JobConfig.public()` or a `_job.json`'s)."""
-    from .pipeline import RESULT_KEYS  # pipeline imports the stages, which import this module
-
     chosen = {k: config.get(k) for k in RESULT_KEYS if k != "input"}
     return _sha(json.dumps(chosen, sort_keys=True, default=str))
 
@@ -59,8 +58,6 @@ def _sha(text: str) -> str:
 
 def previous_parts(cfg: Any) -> tuple[list[str], str]:
     """The committed parts of cfg.reuse and the options digest of the job that wrote them (driver: one listing)."""
-    from .plan import JobError
-
     fs, prev_dir = storage.filesystem(cfg.reuse, cfg.s3_endpoint_url)
     job = storage.read_json(fs, posixpath.join(prev_dir, storage.JOB_FILE))
     if job is None:

@@ -47,7 +47,7 @@ def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 @contextlib.contextmanager
-def _naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
+def naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
     """Storage errors left after the filesystem's own retries name the object: 'cannot write s3://b/k: ...'."""
     try:
         yield
@@ -138,7 +138,7 @@ def _atomic(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterator[Any
     """Write to a hidden `.tmp-*` name beside `path`, then rename: readers see the whole file or none, and
     `clean_temporaries` removes what an interrupted write left. Errors name `path`."""
     tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with _naming(fs, path, "write"):
+    with naming(fs, path, "write"):
         with fs.open(tmp, mode) as f:
             yield f
         fs.mv(tmp, path)
@@ -168,8 +168,8 @@ def clean_temporaries(fs: fsspec.AbstractFileSystem, out_dir: str) -> int:
     if not fs.exists(out_dir):
         return 0
     stale = [p for p in fs.ls(out_dir, detail=False) if posixpath.basename(p).startswith(".tmp-")]
-    for p in stale:
-        fs.rm(p)
+    if stale:
+        fs.rm(stale)  # one call: s3fs deletes in batches of 1000 keys
     return len(stale)
 
 
@@ -197,7 +197,11 @@ def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | N
 
 
 def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> str:
-    """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory."""
+    """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory.
+
+    An empty table is written as its schema with no row group: pyarrow writes one row group of 0 rows,
+    from which `datasets` takes a batch size of 0 and fails (ArrowInvalid: BatchSize must be greater than 0).
+    """
     fs, path = filesystem(uri, endpoint_url)
     if not path.endswith(".parquet"):
         fs.makedirs(path, exist_ok=True)
@@ -207,5 +211,8 @@ def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> s
         if parent:
             fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+        if table.num_rows:
+            pq.write_table(table, f)
+        else:
+            pq.ParquetWriter(f, table.schema).close()
     return path

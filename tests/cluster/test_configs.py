@@ -36,7 +36,7 @@ def test_deepseek_config_is_the_paper_setting():
 
 def test_cpu_smoke_config_runs_on_cpu():
     cfg = load_config(REPO / "jobs" / "configs" / "cpu-smoke.yaml")
-    assert cfg.gpus_per_actor == 0 and cfg.structured
+    assert cfg.device == "cpu" and cfg.structured
     assert cfg.model.endswith("/grm") and cfg.meta_model.endswith("/meta")  # `grm-ray dev tiny-models DIR`
 
 

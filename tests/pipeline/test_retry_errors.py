@@ -56,7 +56,7 @@ def test_error_rows_counted_from_the_error_column(tmp_path):
     """The summary's error_rows reads the `error` leaf's statistics, not those of a column before it."""
     import fsspec
 
-    from grm_ray.pipeline import _error_rows
+    from grm_ray.plan import error_rows as _error_rows
     from grm_ray.schema import OUTPUT_FIELDS
 
     rows = [{f.name: None for f in OUTPUT_FIELDS} for _ in range(3)]

@@ -140,3 +140,23 @@ def test_real_cli_sigkill_during_sampling_resumes(cli_crash_run):
           f"({run['orphans']} Ray processes still alive 5 s later, killed); "
           f"rerun exit 0 in {run['rerun_seconds']:.0f} s "
           f"scored {status['summary']['new_rows']} rows; 40/40 once")
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(1200)  # includes the cli_crash_run fixture
+def test_real_cli_console_is_readable(cli_crash_run):
+    """The resumed real run's console (not a TTY here): a few plain progress lines and the summary table;
+    Ray's and vLLM's output went to the log file instead (issue 14: 590 lines for 1,312 rows before)."""
+    run = cli_crash_run
+    err, out = run["rerun"].stderr, run["rerun"].stdout
+    log = run["log_files"][0].read_text(errors="replace")
+    lines = (err + out).splitlines()
+    assert run["rerun_rc"] == 0, err[-3000:]
+    assert f"resuming: {run['committed_at_kill_final']} of 40 rows already committed" in err
+    assert "rows 40/40 (100%)" in err and "rows in output    40" in err and str(run["log_files"][0]) in err
+    assert "\r" not in err and len(lines) <= 25, err
+    for noise in ("MapWorker", "INFO worker.py", "streaming_executor", "resolved config"):
+        assert noise not in err + out, noise
+    assert "MapWorker" in log and "resolved config" in log and "streaming_executor" in log
+    print(f"\nRESULT console (real CLI, resumed run): {len(lines)} console lines; log file "
+          f"{len(log.splitlines())} lines")
