@@ -328,7 +328,7 @@ def submit(
                                     submission_id=submission_id))
 
 
-SERVE_SKIP = ("input", "output", "input_format", "rows_per_file", "overwrite")  # batch-only options
+SERVE_SKIP = ("input", "output", "input_format", "rows_per_file", "overwrite", "reuse", "retry_errors")  # batch-only
 
 
 def _serve(config: Optional[Path] = None, host: str = "127.0.0.1", port: int = 8000,

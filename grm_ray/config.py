@@ -90,6 +90,10 @@ class JobConfig(BaseModel):
                                   "since they were scored and score them again (default: refuse, naming them).")
     lease_expiry: float = Field(180, ge=5, description="Seconds without a heartbeat after which another job "
                                 "may take over this output's writer lease.")
+    reuse: Optional[str] = Field(None, description="Previous output: rows whose item and result-changing options "
+                                 "are unchanged take its labels (reused=true); only the rest are scored.")
+    retry_errors: bool = Field(False, description="On a rerun, rescore rows committed with an engine-side error "
+                               "(no valid sample, prompt too long); input errors stay.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
     s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
     verbose: bool = Field(False, description="Show Ray / vLLM start-up logs and warnings on the console too "

@@ -1,7 +1,8 @@
 """The scoring job: Ray Data wiring of the stages, pool sizing, resume and exactly-once output.
 
     plan.py (driver: per-file and per-unit facts)  ->  read + Normalize (tasks)  ->  GRMSampler (actor pool)
-    ->  MetaScorer (actor pool, optional)  ->  Vote + commit part (tasks)  ->  count check, summary (driver)
+    ->  MetaScorer (actor pool, optional)  ->  Vote (tasks)  ->  commit part (tasks)  ->  count check, summary
+    (the middle three are `add_scoring`, shared with `score_dataset`; --reuse routes unchanged rows around them)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .config import JobConfig
 from .plan import (OUR_COLUMNS, RESULT_KEYS, JobError, Lease, Plan, check_counts, check_previous_job,  # noqa: F401
                    duplicate_ids, error_rows, make_plan, part_record, read_ledger, rewrite_parts, rows_of_files,
                    scan_inputs)
-from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, SOURCE
+from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, apply
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,19 @@ class _StageActor:
         return apply(self.stage, table)
 
 
-def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str],
-                    fingerprints: dict[str, str]) -> pa.Table:
-    """Vote, then commit the batch as one part file (several if it is over cfg.part_bytes); one summary row
-    per part."""
-    table = _locate_errors(apply(Vote(cfg), table))
-    order = [f.name for f in table.schema if f.name not in OUR_COLUMNS] + [f.name for f in OUTPUT_FIELDS]
-    table = table.select(order)
+def finalize(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
+    """The output row shape: the unified input columns, then ours (`reused` false unless a reuse set it)."""
+    if REUSED not in table.column_names:
+        table = table.append_column(REUSED, pa.array([False] * table.num_rows, pa.bool_()))
+    schema = pa.schema([*passthrough, *OUTPUT_FIELDS])
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str],
+           fingerprints: dict[str, str], passthrough: pa.Schema) -> pa.Table:
+    """Commit the batch as one part file (several if it is over cfg.part_bytes); one summary row per part
+    (samples and tokens: this run's, not those of reused rows)."""
+    table = finalize(table, passthrough)
     fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     step = math.ceil(table.num_rows / max(1, math.ceil(table.nbytes / cfg.part_bytes)))
     rows = []
@@ -115,15 +122,21 @@ def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dic
         part = table.slice(start, step)
         record = part_record(part.column(SOURCE).to_pylist(), fingerprints)
         name = storage.write_part(fs, out_dir, part, metadata, record)
-        samples = part.column("samples").to_pylist()
+        reused = part.column(REUSED).to_pylist()
+        samples = [s for s, r in zip(part.column("samples").to_pylist(), reused) if not r]
         rows.append({
-            "part": posixpath.basename(name), "rows": part.num_rows,
+            "part": posixpath.basename(name), "rows": part.num_rows, "reused": sum(reused),
             "errors": part.num_rows - part.column(ERROR).null_count,
             "samples": sum(len(s or []) for s in samples),
             "valid": sum(sum(x["valid"] for x in s or []) for s in samples),
             "tokens": sum(sum(x["n_tokens"] for x in s or []) for s in samples),
         })
     return pa.Table.from_pylist(rows)
+
+
+def vote(table: pa.Table, cfg: JobConfig) -> pa.Table:
+    """Ray Data UDF: the Vote stage, with every row error located."""
+    return _locate_errors(apply(Vote(cfg), table))
 
 
 def _locate_errors(table: pa.Table) -> pa.Table:
@@ -189,18 +202,15 @@ def engine_resources(cfg: JobConfig) -> dict[str, Any]:
     return res
 
 
-def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], duplicate_ids: frozenset[str] = frozenset(),
-          grm_stage: type = GRMSampler):
-    """The Ray Data pipeline; nothing runs until it is consumed.
+def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler):
+    """Normalised rows -> voted rows: the GRM actor pool, the meta RM pool (optional) and Vote; lazy.
 
-    `grm_stage` is for measurements of the streaming machinery alone (bench/, memory bounds).
+    Shared by `grm-ray score` (before its commit) and `score_dataset`. `grm_stage` is for measurements of
+    the streaming machinery alone (bench/, memory bounds).
     """
     import ray
 
     res = engine_resources(cfg)
-    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
-                        fn_kwargs={"cfg": cfg, "passthrough": p.inputs.passthrough, "duplicate_ids": duplicate_ids})
     # Engine pools autoscale between MIN and MAX actors; Ray Data restarts a dead actor and retries its
     # batch by default (max_restarts=-1, max_task_retries=-1).
     for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
@@ -208,10 +218,36 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
         ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), **res)
+    return ds.map_batches(vote, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          fn_kwargs={"cfg": cfg})
+
+
+def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], duplicate_ids: frozenset[str] = frozenset(),
+          grm_stage: type = GRMSampler):
+    """The Ray Data pipeline; nothing runs until it is consumed (with --reuse, the join with the previous
+    output runs first; see reuse.py).
+
+    `grm_stage` is for measurements of the streaming machinery alone (bench/, memory bounds).
+    """
+    import ray
+
+    passthrough = p.inputs.passthrough
+    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                        fn_kwargs={"cfg": cfg, "passthrough": passthrough, "duplicate_ids": duplicate_ids})
+    reused = None
+    if cfg.reuse:
+        from .reuse import split
+
+        reused, ds = split(ds, cfg, passthrough, p.total_rows - p.skipped_rows)
+    ds = add_scoring(ds, cfg, grm_stage)
+    fin = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"passthrough": passthrough})
+    if reused is not None:  # both branches in the output shape, so the commit's batches concatenate
+        ds = ds.map_batches(finalize, **fin).union(reused.map_batches(finalize, **fin))
     prints = {f.key: f.fingerprint for f in p.inputs.files}
-    return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
-                          num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata,
-                                                          "fingerprints": prints})
+    return ds.map_batches(commit, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata, "fingerprints": prints,
+                                     "passthrough": passthrough})
 
 
 def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
@@ -242,6 +278,11 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         log.warning("rescoring %d changed input file(s) (%s): dropped their %d committed row(s)", len(p.rescore),
                     ", ".join(p.rescore[:5]), dropped)
         p = make_plan(cfg.model_copy(update={"rescore_changed": False}), inputs, read_ledger(fs, out_dir))
+    if cfg.retry_errors:
+        from .retry import drop_engine_errors
+
+        if drop_engine_errors(cfg, fs, out_dir):
+            p = make_plan(cfg, inputs, read_ledger(fs, out_dir))
     for key, n in sorted(p.orphans.items()):
         log.warning("output holds %d committed row(s) of %s that the input no longer has (file gone or "
                     "shorter); they are kept and reported in the summary as orphaned_rows", n, key)
@@ -285,7 +326,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
     led = read_ledger(fs, out_dir)
     check_counts(inputs, led)
     summary = {"rows": led.rows, "error_rows": None, "output": out_dir, "new_rows": totals["rows"],
-               "errors_new": totals["errors"], "samples": totals["samples"], "valid_samples": totals["valid"],
+               "reused_rows": totals["reused"], "errors_new": totals["errors"], "samples": totals["samples"],
+               "valid_samples": totals["valid"],
                "generated_tokens": totals["tokens"], "wall_seconds": round(time.time() - t0, 2),
                "bad_files": p.bad_files, "orphaned_rows": p.orphans, "parts": led.parts}
     summary["error_rows"] = error_rows(fs, out_dir)

@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .schema import ERROR, ID, NORMALIZED, VOTED, detect_format, required_columns
+from .schema import ERROR, ID, OUTPUT_FIELDS, detect_format, required_columns
 
 log = logging.getLogger(__name__)
 THREADS = 32  # footers and part records are small reads: latency-bound, so many at once
-OUR_COLUMNS = set(NORMALIZED.names) | set(VOTED.names)
+OUR_COLUMNS = {f.name for f in OUTPUT_FIELDS}
 INPUT_PREFIX = "input_"  # an input column named like an output column is kept under this prefix
 RECORD_KEY = b"grm_ray.rows"  # Parquet key-value metadata of a part: {file key: [[start, stop], ...]}
 FINGERPRINT_KEY = b"grm_ray.inputs"  # {file key: fingerprint} of the files a part holds rows of
@@ -428,7 +428,8 @@ def error_rows(fs: Any, out_dir: str) -> int:
     def nulls(path: str) -> int:
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        i = meta.schema.to_arrow_schema().get_field_index(ERROR)
+        # the Parquet leaf column of `error` (nested columns before it have several leaves each)
+        i = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == ERROR)
         errs = 0
         for g in range(meta.num_row_groups):
             col = meta.row_group(g).column(i)

@@ -27,6 +27,8 @@ N_VALID = "n_valid"          # samples whose scores parsed
 N_KEPT = "n_kept"            # samples that voted (top k_meta by meta score, or all valid)
 SAMPLES = "samples"          # every sample with its critique text: the audit trail
 ERROR = "error"              # why the row has no scores; null when fine
+CONTENT_KEY = "content_key"  # sha256 of the normalised item and the result-changing options (--reuse matches it)
+REUSED = "reused"            # the label was taken from a previous output (--reuse), not sampled in this run
 
 FORMATS = ("responses", "dpo", "hh")
 
@@ -45,7 +47,7 @@ SAMPLE_TYPE = pa.struct([
 
 NORMALIZED = pa.schema([
     (ID, pa.string()), (SOURCE, pa.string()), (MESSAGES, pa.list_(MESSAGE_TYPE)),
-    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()),
+    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()), (CONTENT_KEY, pa.string()),
 ])
 SAMPLED = pa.schema([(SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string())])
 VOTED = pa.schema([
@@ -53,7 +55,7 @@ VOTED = pa.schema([
     (MARGIN, pa.float64()), (TIE, pa.bool_()), (CONFIDENCE, pa.float64()), (N_SAMPLES, pa.int64()),
     (N_VALID, pa.int64()), (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
 ])
-OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names)]
+OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names), pa.field(REUSED, pa.bool_())]
 
 
 class RowError(ValueError):

@@ -16,8 +16,9 @@ import pyarrow as pa
 from . import prompts, voting
 from .config import JobConfig
 from .parsing import parse_scores
-from .schema import (ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES, SOURCE,
-                     VOTED, RowError, normalize)
+from .reuse import content_key, options_digest
+from .schema import (CONTENT_KEY, ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES,
+                     SOURCE, VOTED, RowError, normalize)
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -57,6 +58,7 @@ class Normalize:
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        self.digest = options_digest(cfg.public())
 
     def __call__(self, table: pa.Table, file: str, rows: Sequence[int], fmt: str | None,
                  duplicate_ids: frozenset[str] = frozenset(), file_error: str | None = None) -> pa.Table:
@@ -65,7 +67,7 @@ class Normalize:
             source = f"{file}#{row}"
             given_id = raw.get(ID) if isinstance(raw, dict) else None
             item: Row = {ID: source if given_id is None else str(given_id), SOURCE: source,
-                         MESSAGES: None, RESPONSES: None, LABEL: None, ERROR: None}
+                         MESSAGES: None, RESPONSES: None, LABEL: None, ERROR: None, CONTENT_KEY: None}
             try:
                 if file_error:
                     raise RowError(file_error)
@@ -74,6 +76,7 @@ class Normalize:
                 if given_id is not None and str(given_id) in duplicate_ids:
                     raise RowError(f"field 'id': duplicate id {str(given_id)!r} (ids must be unique)")
                 item.update(normalize(raw, fmt, self.cfg.max_responses))
+                item[CONTENT_KEY] = content_key(item, self.digest)
             except RowError as e:
                 item[ERROR] = f"{file}, row {row}: {e}"
             out.append(item)
