@@ -23,9 +23,8 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .plan import (OUR_COLUMNS, RESULT_KEYS, JobError, Lease, Plan, check_counts, check_previous_job,  # noqa: F401
-                   duplicate_ids, error_rows, make_plan, part_record, read_ledger, rewrite_parts, rows_of_files,
-                   scan_inputs)
+from .plan import (JobError, Lease, Plan, check_counts, check_previous_job, duplicate_ids, error_rows, make_plan,
+                   part_record, read_ledger, rewrite_parts, rows_of_files, scan_inputs)
 from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, apply
 
