@@ -10,7 +10,7 @@ machine is lost, and a replacement worker node with the same resource is started
 clear error and the same command resumes; either way every input row ends up committed exactly once
 (read back here, and by `grm-ray verify OUTPUT --input INPUT`). The test records which of the two happened.
 
-Run it alone: `python -m pytest tests/reliability/test_node_loss.py -q -s` (or `-m node_loss`).
+Run it alone (`make test` leaves it out): `python -m pytest -m node_loss tests/reliability/test_node_loss.py -q -s`.
 """
 from __future__ import annotations
 
