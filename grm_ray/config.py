@@ -132,11 +132,16 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
     try:
         return JobConfig(**data)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
-            msg = err["msg"].removeprefix("Value error, ")
-            msgs.append(f"{key}: {msg}" if key else msg)
-            msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
         src = f" in {path}" if path else ""
-        raise ConfigError(f"invalid job config{src}: " + "; ".join(msgs)) from None
+        raise ConfigError(f"invalid job config{src}: {validation_message(e)}") from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """'k: Input should be greater than or equal to 1; foo: ... (unknown key)': every error, naming its key."""
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
+        msg = err["msg"].removeprefix("Value error, ")
+        msgs.append(f"{key}: {msg}" if key else msg)
+        msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
+    return "; ".join(msgs)
