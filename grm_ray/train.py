@@ -439,8 +439,9 @@ def save_model(trainer: Any, cfg: TrainConfig, target: str) -> None:
             fs.put(local.rstrip("/") + "/", path, recursive=True)
 
 
-def _fit(trainer: Any, resume: str | None) -> None:
-    trainer._grm_resumed_from = resume
+def _fit(trainer: Any, resume: str | None, shown: str | None = None) -> None:
+    """Train (from `resume` when given); `shown` names the checkpoint in the summary (default `resume`)."""
+    trainer._grm_resumed_from = shown or resume
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
@@ -505,7 +506,7 @@ def _ray_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             resume = os.path.join(local, "resumed-" + os.path.basename(d.rstrip("/")))
             shutil.copytree(os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME), resume)
-        _fit(trainer, resume)
+        _fit(trainer, resume, shown=checkpoint.path)
     else:
         _fit(trainer, None)
     if ctx.get_world_rank() == 0:
@@ -523,14 +524,15 @@ def train_ray(cfg: TrainConfig) -> dict[str, Any]:
     from .storage import filesystem
 
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False)
+    if not ray.is_initialized():  # a cluster (ray_address / RAY_ADDRESS), else a local Ray of this machine
+        local = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address=cfg.ray_address, **({"include_dashboard": False} if local else {}))
     fs, path = filesystem(cfg.checkpoints, cfg.s3_endpoint_url)
     check_resumable(cfg, fs, path)
     storage = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     trainer = TorchTrainer(
-        _ray_loop, train_loop_config=cfg.public(),
+        _ray_loop, train_loop_config=cfg.model_dump(exclude_unset=True),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=posixpath.basename(path.rstrip("/")), storage_path=posixpath.dirname(path.rstrip("/")),
