@@ -113,6 +113,7 @@ def main() -> None:
     if not (trained / "config.json").exists():
         steps["train_rft"] = cli("train", "rft", str(rft), str(trained), "--base", base, "--lora",
                                  "--chat-fallback", "gemma", "--epochs", str(a.epochs), "--max-length", "2048",
+                                 "--learning-rate", "1e-4", "--grad-accum", "4", "--save-steps", "4",
                                  log=log)
     save()
     if a.stop_after == "train":
