@@ -338,12 +338,15 @@ def _build(cfg: TrainConfig, out_dir: str, callbacks: list):
     from datasets import Dataset
     from transformers import AutoConfig, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.base)
+    rows = read_rows(cfg.data, cfg.s3_endpoint_url)  # a bad data path fails before any model loads
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.base)
+        base_cfg = AutoConfig.from_pretrained(cfg.base)
+    except OSError as e:
+        raise ValueError(f"cannot load the base model {cfg.base!r}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    base_cfg = AutoConfig.from_pretrained(cfg.base)
     dtype = _dtype(getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None))
-    rows = read_rows(cfg.data, cfg.s3_endpoint_url)
     common = _common_args(cfg, out_dir)
 
     if cfg.recipe == "rft":
@@ -457,10 +460,13 @@ RUN_FILE = "_run_config.json"
 
 
 def check_resumable(cfg: TrainConfig, fs: Any, ckpt_dir: str) -> None:
-    """Refuse to resume checkpoints made with different result-changing options; record them on a fresh start."""
+    """Refuse to resume checkpoints made with different result-changing options; record the options while
+    the directory holds no checkpoint yet (a run that failed before its first one locks nothing)."""
     record = posixpath.join(ckpt_dir, RUN_FILE)
     mine = {k: v for k, v in cfg.public().items() if k not in RESUMABLE}
-    if fs.exists(record):
+    others = [p for p in (fs.ls(ckpt_dir, detail=False) if fs.isdir(ckpt_dir) else [])
+              if posixpath.basename(p.rstrip("/")) not in (RUN_FILE, "README.md")]
+    if others and fs.exists(record):
         theirs = {k: v for k, v in json.loads(fs.cat(record)).items() if k not in RESUMABLE}
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         if changed:
