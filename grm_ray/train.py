@@ -61,8 +61,8 @@ class TrainConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     lora_targets: str = Field("all-linear", description="LoRA target modules: all-linear or a comma list.")
-    merge: bool = Field(True, description="Merge LoRA into a plain model dir (vLLM loads it as is); "
-                        "--no-merge saves the adapter alone (vLLM: --enable-lora).")
+    merge: bool = Field(True, description="Merge LoRA into a plain model dir that vLLM loads as is; --no-merge "
+                        "saves only the PEFT adapter (`grm-ray score` needs the merged model).")
     chat_fallback: Literal["plain", "gemma"] = Field(
         "plain", description="Prompt rendering for a model without a chat template (as `score`'s).")
     max_length: int = Field(4096, ge=16, description="Token limit of a training row; longer rows are skipped.")

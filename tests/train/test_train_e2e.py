@@ -43,10 +43,10 @@ def summary(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data(ray_local, tiny_config, tiny_models, tmp_path_factory, hh_table):
-    """8 HH-RLHF rows scored by the tiny GRM (hinted, k=4) + tiny meta RM, and their rft / meta exports."""
+    """6 HH-RLHF rows scored by the tiny GRM (hinted, k=4) + tiny meta RM, and their rft / meta exports."""
     root = tmp_path_factory.mktemp("spct")
     (root / "in").mkdir()
-    pq.write_table(hh_table.slice(0, 8), root / "in" / "hh.parquet")
+    pq.write_table(hh_table.slice(0, 6), root / "in" / "hh.parquet")
     cfg = tiny_config(input=str(root / "in"), output=str(root / "scored"), k=4, max_tokens=48, max_model_len=1024,
                       structured=True, batch_size=8, rows_per_file=8, seed=1, hint=True,
                       meta_mode="classifier", meta_model=str(tiny_models["meta"]))
@@ -136,7 +136,7 @@ def test_score_with_the_trained_grm_and_meta_rm(data, trained, tiny_config, tmp_
            str(trained["meta"]), "--batch-size", "8", "--engine-kwargs",
            json.dumps(tiny_config().engine_kwargs))
     rows = storage.read_table(str(out)).to_pylist()
-    assert len(rows) == 8 and all(r["error"] is None for r in rows)
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
     tok = AutoTokenizer.from_pretrained(trained["meta"])
     model = AutoModelForSequenceClassification.from_pretrained(trained["meta"], dtype=torch.float32).eval()
     checked = 0
