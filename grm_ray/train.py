@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import prompts
-from .config import ConfigError, validation_message
+from .config import load_into
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +121,7 @@ COMMON = tuple(n for n in TrainConfig.model_fields if n not in GRPO_ONLY and n !
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Config file (YAML) first, then overrides that are not None; errors name the key."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of option: value")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return TrainConfig(**data)
-    except ValidationError as e:
-        raise ConfigError(f"invalid train config{f' in {path}' if path else ''}: {validation_message(e)}") from None
+    return load_into(TrainConfig, "train", path, overrides)
 
 
 # ------------------------------------------------------------------------------------------- data
