@@ -47,11 +47,17 @@ def score_args(model: str, k: int, seed: int) -> list[str]:
             "--engine-kwargs", json.dumps({"kv_cache_memory_bytes": 512 << 20, "enforce_eager": True})]
 
 
-def accuracy(scored: Path) -> dict:
+def accuracy(scored: Path, like: Path | None = None) -> dict:
+    """Pairwise figures of a scored run; with `like`, only the rows (by source) that run also scored."""
+    import pyarrow.compute as pc
+
     from grm_ray.evaluate import evaluate
     from grm_ray.storage import read_table
 
-    report = evaluate(read_table(str(scored)))
+    table = read_table(str(scored))
+    if like is not None:
+        table = table.filter(pc.is_in(table.column("source"), read_table(str(like)).column("source")))
+    report = evaluate(table)
     pw = report["pairwise"]
     return {"rows": report["rows"], "errors": report["errors"], "pairs": pw["n"], "accuracy": pw["accuracy"],
             "tie_break_accuracy": pw["tie_break_accuracy"], "ties": pw["ties"]}
@@ -122,6 +128,7 @@ def main() -> None:
         steps["eval_after"] = cli("score", str(work / "held.parquet"), str(work / "held_after"),
                                   *score_args(str(trained), a.k, 2), log=log)
     res["after"] = accuracy(work / "held_after")
+    res["before_same_rows"] = accuracy(work / "held_before", like=work / "held_after")
     save()
     print(json.dumps(res, indent=2))
 
