@@ -365,6 +365,61 @@ _serve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
 app.command("serve")(_serve)
 
 
+train_app = typer.Typer(no_args_is_help=True, help="Self-Principled Critique Tuning: train a GRM or a meta RM "
+                        "from grm-ray's own exports (TRL; in this process or on Ray Train).")
+app.add_typer(train_app, name="train")
+TRAIN_HELP = {
+    "rft": ("Rejective fine-tuning: SFT on `export-rft` trajectories (loss on the trajectory only).",
+            "export-rft Parquet (file, directory, glob or s3://)."),
+    "grpo": ("Rule-based online RL: GRPO with rule_reward (+1 labelled best strictly highest, else -1) only.",
+             "Labelled preference rows in any `score` input format (or a scored output)."),
+    "meta-rm": ("Meta RM: a one-logit classifier, binary cross-entropy on `export-meta` rows.",
+                "export-meta Parquet (file, directory, glob or s3://)."),
+}
+
+
+def _train_command(recipe: str):
+    from .train import COMMON, GRPO_ONLY, TrainConfig
+
+    def command(data: Optional[str] = None, output: Optional[str] = None, config: Optional[Path] = None,
+                **options: Any) -> None:
+        _setup_logging()
+        from .train import load_train_config, train
+
+        try:
+            cfg = load_train_config(str(config) if config else None, recipe=recipe, data=data, output=output,
+                                    **options)
+        except ConfigError as e:
+            raise _fail(str(e)) from None
+        if not cfg.data or not cfg.output or not cfg.base:
+            raise _fail(f"train {recipe} needs DATA, OUTPUT_DIR and --base (as arguments or in --config)")
+        typer.echo(f"grm-ray train {recipe}, resolved config:\n" + json.dumps(cfg.public(), indent=2))
+        try:
+            summary = train(cfg)
+        except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+            raise _fail(str(e)) from None
+        typer.echo("summary: " + json.dumps(summary, indent=2))
+
+    names = [n for n in COMMON if n not in POSITIONAL_TRAIN] + (list(GRPO_ONLY) if recipe == "grpo" else [])
+    command.__doc__ = TRAIN_HELP[recipe][0]
+    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                          default=typer.Argument(None, help=TRAIN_HELP[recipe][1])),
+        inspect.Parameter("output", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                          default=typer.Argument(None, help="Output model directory (or s3:// URI).")),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML file of options (keys = option names "
+                                               "with underscores); command-line options override it.")),
+        *(_param(n, TrainConfig.model_fields[n]) for n in names),
+    ])
+    return command
+
+
+POSITIONAL_TRAIN = ("data", "output")
+for _recipe in ("rft", "grpo", "meta-rm"):
+    train_app.command(_recipe)(_train_command(_recipe))
+
+
 def main() -> None:
     app(prog_name="grm-ray")
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -145,6 +148,11 @@ class JobConfig(BaseModel):
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
     """Config file (YAML) first, then overrides that are not None; errors name the key."""
+    return load_into(JobConfig, "job", path, overrides)
+
+
+def load_into(model: type[M], what: str, path: str | Path | None, overrides: dict[str, Any]) -> M:
+    """A typed config (`model`) from a YAML file and overrides that are not None; errors name the key."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -156,13 +164,18 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return JobConfig(**data)
+        return model(**data)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
-            msg = err["msg"].removeprefix("Value error, ")
-            msgs.append(f"{key}: {msg}" if key else msg)
-            msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
         src = f" in {path}" if path else ""
-        raise ConfigError(f"invalid job config{src}: " + "; ".join(msgs)) from None
+        raise ConfigError(f"invalid {what} config{src}: {validation_message(e)}") from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """'k: Input should be greater than or equal to 1; foo: ... (unknown key)': every error, naming its key."""
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
+        msg = err["msg"].removeprefix("Value error, ")
+        msgs.append(f"{key}: {msg}" if key else msg)
+        msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
+    return "; ".join(msgs)

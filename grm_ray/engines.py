@@ -79,7 +79,7 @@ class _Engine:
     def _setup(self) -> None:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
-        self._add_special = not getattr(self.tokenizer, "chat_template", None)
+        self._add_special = prompts.special_tokens(self.tokenizer)
 
     def render(self, user_text: str) -> str:
         """One user message through the model's chat template (or cfg.chat_fallback), ready to generate."""
@@ -221,8 +221,7 @@ class MetaEngine(_Engine):
     def render_item(self, conversation: prompts.Conversation, responses: Sequence[str], sample_text: str) -> str:
         if self.mode == "classifier":
             messages = prompts.meta_messages(conversation, responses, sample_text)
-            return prompts.apply_chat_template(self.tokenizer, messages, self.cfg.chat_fallback,
-                                               add_generation_prompt=False)
+            return prompts.meta_input(self.tokenizer, messages, self.cfg.chat_fallback)
         return self.render(prompts.judge_prompt(conversation, responses, sample_text))
 
     def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:

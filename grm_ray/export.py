@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 
 from . import schema as S
-from .prompts import apply_chat_template, format_conversation, meta_messages, render_grm_prompt
+from .prompts import format_conversation, meta_input, meta_messages, render_grm_prompt
 
 FORMATS = ("standard", "conversational")
 
@@ -216,6 +216,6 @@ def export_meta(table: pa.Table, threshold: int = 6, tokenizer: Any = None, fall
     for row in _rows(table):
         for i, s, ok in _judged_samples(row, threshold, skipped):
             chat = meta_messages(row[S.MESSAGES], [row[S.RESPONSES][j] for j in s["order"]], s["text"])
-            text = apply_chat_template(tokenizer, chat, fallback=fallback, add_generation_prompt=False)
+            text = meta_input(tokenizer, chat, fallback)
             out.append({"messages": chat, "text": text, "label": int(ok), "id": row[S.ID], "sample": i})
     return pa.Table.from_pylist(out, schema=schema)

@@ -147,6 +147,18 @@ def apply_chat_template(tokenizer: Any, messages: list[Message], fallback: str =
     return text + ("\n\n" if add_generation_prompt else "")
 
 
+def meta_input(tokenizer: Any, chat: list[Message], fallback: str = "plain") -> str:
+    """A classifier meta RM's input text: the meta chat (meta_messages) through the model's chat template,
+    no generation prompt. Scoring (engines.MetaEngine), export-meta and `train meta-rm` all render with this."""
+    return apply_chat_template(tokenizer, chat, fallback=fallback, add_generation_prompt=False)
+
+
+def special_tokens(tokenizer: Any) -> bool:
+    """Whether encoding rendered text adds the tokenizer's special tokens: not when a chat template rendered
+    its own (<bos> etc.), as `LLM.chat` does; yes for the template-less fallbacks."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def orderings(n: int, k: int, seed: int = 0, start: int = 0) -> list[tuple[list[int], int]]:
     """The response orders of samples start .. start+k-1 of one item, grouped: [(order, count), ...].
 
