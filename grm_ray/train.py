@@ -141,10 +141,10 @@ def read_rows(uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]
 
     from .storage import list_inputs
 
-    fs, files = list_inputs(uri, endpoint_url)
+    fs, _, files = list_inputs(uri, endpoint_url)
     rows: list[dict[str, Any]] = []
     for f in files:
-        with fs.open(f, "rb") as fh:
+        with fs.open(f["name"], "rb") as fh:
             rows.extend(pq.read_table(fh).to_pylist())
     return rows
 
