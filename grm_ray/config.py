@@ -85,7 +85,8 @@ class JobConfig(BaseModel):
     rows_per_file: int = Field(4096, ge=1, description="Rows per committed output part at most (the resume granularity).")
     part_bytes: int = Field(128 << 20, ge=1 << 10, description="Bytes (in memory) per output part at most; "
                             "a batch larger than this is committed as several parts.")
-    unit_rows: int = Field(8192, ge=1, description="Input rows per read task at most (big row groups are split).")
+    unit_rows: int = Field(1024, ge=1, description="Input rows per read task at most: a task never spans two row "
+                           "groups, and a big group is split, so the engine pool gets many blocks to share.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
     # run
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")

@@ -360,13 +360,23 @@ def make_plan(cfg: JobConfig, inputs: Inputs, led: Ledger) -> Plan:
     for f in inputs.files:
         done = [] if f.key in rescore else led.ranges.get(f.key, [])
         skipped += sum(min(b, f.rows) - a for a, b in done if a < f.rows)
-        for start, stop in _gaps(done, f.rows):
+        for start, stop in _within_groups(_gaps(done, f.rows), f.groups):
             for a in range(start, stop, cfg.unit_rows):
                 units.append({"path": f.path, "key": f.key, "start": a, "stop": min(stop, a + cfg.unit_rows),
                               "groups": list(f.groups), "fmt": f.fmt, "file_error": f.error,
                               "renames": f.renames})
     return Plan(inputs=inputs, units=units, skipped_rows=skipped, rescore=sorted(rescore),
                 orphans=orphans(inputs, led))
+
+
+def _within_groups(spans: list[tuple[int, int]], groups: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Cut row spans at row-group boundaries: a unit never spans two groups, so small groups stay one unit
+    each (a block, a task, a commit of their own downstream) and only big groups are split."""
+    out, first = [], 0
+    for n in groups:
+        out += [(max(a, first), min(b, first + n)) for a, b in spans if a < first + n and b > first]
+        first += n
+    return out
 
 
 def _gaps(done: list[list[int]], n: int) -> list[tuple[int, int]]:

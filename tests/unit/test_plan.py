@@ -89,6 +89,14 @@ def test_units_are_bounded_in_rows_and_skip_committed_ranges(tmp_path):
     assert p.skipped_rows == 11 and p.total_rows == 43
 
 
+def test_units_never_span_two_row_groups(tmp_path):
+    """Small row groups stay one unit each (a block of their own downstream); big ones are split."""
+    write(tmp_path / "in" / "g.parquet", 10, row_group_size=4)  # groups [0,4) [4,8) [8,10)
+    cfg = cfg_for(tmp_path / "in", unit_rows=3)
+    p = plan.make_plan(cfg, plan.scan_inputs(cfg), plan.Ledger(ranges={"g.parquet": [[2, 5]]}))
+    assert [(u["start"], u["stop"]) for u in p.units] == [(0, 2), (5, 8), (8, 10)]
+
+
 def test_ledger_counts_detect_missing_duplicated_and_orphaned_rows(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     write(inp / "a.parquet", 4)
