@@ -46,7 +46,9 @@ def synth(n: int, k: int = 4, seed: int = 0, confidence: bool = True) -> pa.Tabl
         if confidence:
             row["confidence"] = None if error else round(rng.random(), 3)
         rows.append(row)
-    fields = list(S.OUTPUT_FIELDS) + ([pa.field("confidence", pa.float64())] if confidence else [])
+    # outputs of this version carry `confidence`; older ones (confidence=False) do not
+    fields = [f for f in S.OUTPUT_FIELDS if f.name != "confidence"] + (
+        [pa.field("confidence", pa.float64())] if confidence else [])
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
