@@ -132,4 +132,5 @@ def test_a_terminal_gets_one_line_redrawn(tmp_path):
     tty.close()
     os.close(master)
     assert text.count("\r\x1b[2K") == 3 and "\n" not in text.replace("\r\n", "")
-    assert text.rstrip().endswith("ETA 0:00:00") and "rows 8/8 (100%)" in text
+    last = text.split("\r\x1b[2K")[-1]  # the line as it stands (a Ray of earlier tests adds "| CPUs busy")
+    assert "ETA 0:00:00" in last and "rows 8/8 (100%)" in last
