@@ -159,7 +159,7 @@ def init_ray(cfg: JobConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+    if on_cluster(cfg):
         ray.init(address=cfg.ray_address, log_to_driver=True)
         return False
     # A local Ray: logical CPUs are scheduling slots; engine actors and light tasks share the cores.
