@@ -6,11 +6,11 @@ winner. The two runs draw different samples (adaptive rounds are seeded per roun
 does not seed requests), so a live winner may differ where the full-k vote is close; the guarantee is
 checked by the replay.
 
-Replay: the full-k run's stored samples are fed back in the order the adaptive sampler draws them (one
-balanced round at a time: round r takes the next sample of each ordering) and the stage's own stopping
+Replay: the full-k run's stored samples are fed back in the order the adaptive sampler draws them (sample t
+has the order prompts.sample_order gives it; grm_ray.evaluate.drawing_order) and the stage's own stopping
 rule (GRMSampler._done) decides after each round. Exact: the winner at the stop must equal the full-k
 winner for every item. Confident: for each risk, the share of samples saved and of items whose winner
-differs from full Voting@k. Replays at smaller k use the first samples of each ordering of the same run.
+differs from full Voting@k. Replays at smaller k use the first k samples drawn in the same run.
 
     python -m bench.adaptive [--model demo] [--items 8] [--k 32] [--max-tokens 96]
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict, deque
+from collections import defaultdict
 from typing import Any, Sequence
 
 from bench import common
@@ -39,57 +39,23 @@ def winner(samples: Sequence[dict[str, Any]], n: int, item_id: str, seed: int) -
     return voting.vote(samples, seed=item_seed(seed, item_id), n=n)["best_index"]
 
 
-def replay(item: dict[str, Any], n: int, k: int, sampler: Any) -> tuple[list[dict[str, Any]], int]:
-    """Feed a full run's samples to the stopping rule, round by round; (samples drawn, drawn count).
-
-    `item["samples"]` holds the full run's samples grouped by ordering (as GRMSampler writes them). For
-    k below the run's k, each ordering contributes its first samples (balanced as prompts.orderings says).
-    """
-    from grm_ray import prompts
-
-    by_order: dict[tuple[int, ...], deque] = defaultdict(deque)
-    for s in item["samples"]:
-        by_order[tuple(s["order"])].append(s)
-    full_counts = dict((tuple(o), c) for o, c in prompts.orderings(n, k))
-    queues = {o: deque(list(q)[:full_counts.get(o, 0)]) for o, q in by_order.items()}
-    round_size = sampler._round_size(n)
-    rounds = -(-k // round_size)
-    first = sampler._first_round(n, round_size, rounds)
-    drawn, seen = 0, []
-    while True:
-        count = min(round_size if drawn else first, k - drawn)
-        for order, c in prompts.orderings(n, count, start=drawn):
-            for _ in range(c):
-                seen.append(queues[tuple(order)].popleft())
-        drawn += count
-        if sampler._done({"samples": seen}, drawn, rounds):
-            return seen, drawn
-
-
 def replay_all(items: list[dict[str, Any]], ns: dict[str, int], k: int, cfg: Any, seed: int) -> dict[str, Any]:
-    """Replay every item at k with cfg's adaptive rule; savings and winner changes against full Voting@k."""
-    from grm_ray.stages import GRMSampler
+    """Replay every item at k with cfg's adaptive rule; savings and winner changes against full Voting@k.
 
-    sampler = GRMSampler(cfg, engine=object())  # the stage's own rule; no engine is used
-    total = used = tok_total = tok_used = changed = 0
-    changed_ids = []
-    for it in items:
-        n = ns[it["id"]]
-        full = _first(it, n, k)
-        seen, drawn = replay({"samples": full}, n, k, sampler)
-        total += k
-        used += drawn
-        tok_total += sum(s["n_tokens"] for s in full)
-        tok_used += sum(s["n_tokens"] for s in seen)
-        if winner(seen, n, it["id"], seed) != winner(full, n, it["id"], seed):
-            changed += 1
-            changed_ids.append(it["id"])
-    return {"items": len(items), "samples_saved": 1 - used / total, "tokens_saved": 1 - tok_used / tok_total,
-            "winner_changed": changed / len(items), "changed_items": changed_ids}
+    Each item's samples are put in the order the sampler drew them (bench.confident.drawing_order); a
+    replay at k below the run's k uses the first k of them, as a k-sample run would have drawn."""
+    from bench.confident import replay_items
+    from grm_ray.evaluate import drawing_order
+
+    seqs = [(it["id"], ns[it["id"]], drawing_order(it["id"], ns[it["id"]], it["samples"], seed)) for it in items]
+    r = replay_items(seqs, k, cfg.adaptive, cfg.risk, seed)
+    return {"items": r["items"], "samples_saved": r["samples_saved"], "tokens_saved": r["tokens_saved"],
+            "winner_changed": r["winner_changed"]}
 
 
 def rule_frontier(k: int, risk: float) -> list[dict[str, Any]]:
-    """Pairs: after m samples, the smallest vote lead at which each rule stops (both depend on totals only).
+    """Pairs: after m samples, the smallest vote lead at which each rule stops (the confident rule also
+    depends on the spread: here the lead comes from samples of 10,1 and one remainder, the rest 5,5).
 
     Returns the states where the confident rule stops and the exact rule does not: m, the lead the
     confident rule needs, the lead exact needs (> 9 x remaining), both per sample. Empty: confident never
@@ -102,25 +68,11 @@ def rule_frontier(k: int, risk: float) -> list[dict[str, Any]]:
         for lead in range(0, 9 * m + 1):
             rows = [[10, 1]] * (lead // 9) + ([[1 + lead % 9, 1]] if lead % 9 else [])
             rows += [[5, 5]] * (m - len(rows))
-            if voting.decided_confident(rows, k - m, risk, k // 2):
+            if voting.decided_confident(rows, k - m, risk):
                 if not voting.decided_exact([sum(r[0] for r in rows), sum(r[1] for r in rows)], k - m):
                     out.append({"m": m, "confident_lead_per_sample": lead / m,
                                 "exact_lead_per_sample": 9 * (k - m) / m})
                 break
-    return out
-
-
-def _first(item: dict[str, Any], n: int, k: int) -> list[dict[str, Any]]:
-    """The samples a k-sample run would hold: the first ones of each ordering, in stored order."""
-    from grm_ray import prompts
-
-    want = {tuple(o): c for o, c in prompts.orderings(n, k)}
-    out, taken = [], defaultdict(int)
-    for s in item["samples"]:
-        o = tuple(s["order"])
-        if taken[o] < want.get(o, 0):
-            out.append(s)
-            taken[o] += 1
     return out
 
 

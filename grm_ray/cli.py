@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -42,15 +43,33 @@ def resolve(config_file: str | None, **options: Any) -> JobConfig:
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Print the resolved config, run the pipeline, print the summary; exit non-zero on failure."""
+    """Run the pipeline behind one progress display and print a summary table; exit non-zero on failure.
+
+    The resolved config and Ray / vLLM output go to the log file beside the output (console.log_path);
+    cfg.verbose shows them on the console as well.
+    """
+    from .console import Console
     from .pipeline import JobError, run
 
-    typer.echo("grm-ray score, resolved config:\n" + json.dumps(cfg.public(), indent=2))
-    try:
-        summary = run(cfg)
-    except (JobError, FileNotFoundError, PermissionError) as e:
-        raise _fail(str(e)) from None
-    typer.echo("summary: " + json.dumps(summary, indent=2))
+    con = Console(cfg.output, verbose=cfg.verbose)
+    error = None
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    with con.capture():
+        log.info("grm-ray score, resolved config:\n%s", json.dumps(cfg.public(), indent=2))
+        con.echo(f"grm-ray score {cfg.input} -> {cfg.output} (model {cfg.model}, k={cfg.k}, meta {cfg.meta_mode}); "
+                 f"log: {con.log_file}")
+        try:
+            summary = run(cfg, progress=con)
+            log.info("summary: %s", json.dumps(summary, indent=2, default=str))
+        except (JobError, FileNotFoundError, PermissionError) as e:
+            error = e
+        finally:
+            if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()  # the Ray this run started: its late worker logs go to the log file
+    if error is not None:
+        typer.echo(f"(details in {con.log_file})", err=True)
+        raise _fail(str(error))  # the error is the last line a user (or a wrapper script) reads
+    con.summary(summary)
     if summary["bad_files"]:
         raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
                     "every other row was scored", code=3)
@@ -96,6 +115,30 @@ app.command("score")(_score)
 
 
 @app.command()
+def verify(output: str = typer.Argument(..., help="Scored output directory or s3:// URI."),
+           input: Optional[str] = typer.Option(None, "--input", help="The job's input: also check that every "
+                                               "input row is committed once and nothing else."),
+           s3_endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)."),
+           ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the audit on (default: a "
+                                                     "local Ray, or $RAY_ADDRESS).")) -> None:
+    """Row-level audit of a scored output, as a Ray Data job: every committed row once, each part's record
+    true to its rows; with --input, every input row present. Exit 0 when all holds, 1 otherwise."""
+    _setup_logging()
+    from .pipeline import init_ray
+    from .plan import JobError, audit
+
+    cfg = resolve(None, input=input or "", output=output, s3_endpoint_url=s3_endpoint_url, ray_address=ray_address)
+    init_ray(cfg)
+    try:
+        report = audit(cfg)
+    except (JobError, FileNotFoundError, PermissionError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise _fail("the output check failed (see above)", code=1)
+
+
+@app.command()
 def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the scored Parquet goes."),
          items: int = typer.Option(24, help="How many of the packaged HH-RLHF items to score."),
          k: int = typer.Option(4, help="GRM samples per item.")) -> None:
@@ -114,17 +157,59 @@ def demo(output: str = typer.Argument("grm-ray-demo-output", help="Where the sco
 def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Draw the Voting@k / MetaRM@k curves into this PNG."),
-          seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves.")) -> None:
-    """Accuracy, best-of-N, sections, AUC, invalid share, position bias and voting@k curves of a scored run."""
-    from .evaluate import evaluate, format_report, plot_curves
+          seed: int = typer.Option(0, help="Seed for the subset draws of the scaling curves."),
+          stability: bool = typer.Option(False, "--stability", help="Hold out samples: how often the winner "
+                                         "of the first j of each item's k samples agrees with all k, against "
+                                         "the predicted confidence (reliability table, ECE). Needs no labels."),
+          reliability_plot: Optional[Path] = typer.Option(
+              None, "--reliability-plot", help="Draw the reliability diagram(s) (stability, labels) into this PNG."),
+          paper: bool = typer.Option(False, "--paper", help="Print the paper-style Reward Bench table "
+                                     "(Voting@1/8/32, MetaRM@8/32 per section, paper figures beside) instead.")
+          ) -> None:
+    """Accuracy, best-of-N, sections, AUC, invalid share, position bias, confidence and voting@k curves."""
+    from .evaluate import (evaluate, format_paper_table, format_report, paper_table, plot_curves,
+                           plot_reliability)
+    from .evaluate import stability as held_out
 
-    report = evaluate(_read_scored(scored), seed=seed)
+    table = _read_scored(scored)
+    if paper:
+        try:
+            t = paper_table(table, seed=seed)
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        typer.echo(json.dumps(t, indent=2) if as_json else format_paper_table(t))
+        return
+    report = evaluate(table, seed=seed)
+    if stability or reliability_plot:
+        report["stability"] = held_out(table)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if plot:
         if not report["curves"]["items"]:
             typer.secho("warning: no labelled multi-response items with samples; the plot is empty", err=True)
         plot_curves(report, str(plot))
         typer.echo(f"plot: {plot}", err=as_json)
+    if reliability_plot:
+        rels = {"stability": report["stability"], "against labels": report["confidence_vs_labels"]}
+        plot_reliability({k: v for k, v in rels.items() if v and v.get("n")}, str(reliability_plot))
+        typer.echo(f"reliability plot: {reliability_plot}", err=as_json)
+
+
+@app.command()
+def report(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
+           out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
+           limit: int = typer.Option(100_000, help="Show at most this many rows (the first parts' rows).")) -> None:
+    """Write one self-contained HTML page to audit a scored output: critiques, votes, filters, sort."""
+    from .report import read, render
+
+    try:
+        table, total = read(scored, limit)
+    except (FileNotFoundError, OSError) as e:
+        raise _fail(f"cannot read scored output {scored}: {e}") from None
+    out.write_text(render(table, f"grm-ray report: {scored}"), encoding="utf-8")
+    typer.echo(f"wrote {out} ({table.num_rows} rows, {out.stat().st_size / 1e6:.1f} MB)")
+    if total is None or total > table.num_rows:
+        typer.secho(f"warning: the output has more rows than --limit {limit}; the report shows the first "
+                    f"{table.num_rows}", fg="yellow", err=True)
 
 
 def _read_scored(uri: str):
@@ -136,10 +221,18 @@ def _read_scored(uri: str):
         raise _fail(f"cannot read scored output {uri}: {e}") from None
 
 
-def _write(out: str, table) -> None:
+def _write(out: str, table, scored_rows: int, skipped: dict[str, int]) -> None:
+    """Write an export; say on stderr what was skipped and, when nothing is left, why the file is empty."""
     from .storage import write_table
 
     typer.echo(f"wrote {table.num_rows} rows to {write_table(out, table)}")
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    if not table.num_rows:
+        typer.secho(f"warning: the export is empty (columns only): of {scored_rows} scored rows, "
+                    f"{why or 'none were given'}. Note that datasets.load_dataset refuses any empty split "
+                    "('corresponds to no data'); streaming=True reads it.", fg="yellow", err=True)
+    elif why:
+        typer.echo(f"skipped: {why}", err=True)
 
 
 Fmt = typer.Option("standard", "--format", help="TRL column convention: standard (strings) or conversational.")
@@ -159,7 +252,7 @@ def export_dpo(scored: str, out: str,
     if mode not in ("pairs", "best-of-n"):
         raise _fail(f"--mode must be pairs or best-of-n, got {mode!r}")
     fn = export.export_dpo if mode == "pairs" else export.export_best_of_n
-    _write(out, _exported(fn, _read_scored(scored), min_margin=min_margin, fmt=fmt))
+    _export(out, fn, _read_scored(scored), min_margin=min_margin, fmt=fmt)
 
 
 @app.command("export-rft")
@@ -168,7 +261,7 @@ def export_rft(scored: str, out: str, threshold: int = typer.Option(6, help="Sin
     """Rejective fine-tuning data (SPCT stage 1): correct samples of items that are not too easy."""
     from . import export
 
-    _write(out, _exported(export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt))
+    _export(out, export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt)
 
 
 @app.command("export-meta")
@@ -185,15 +278,19 @@ def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    _write(out, _exported(export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
-                          fallback=chat_fallback))
+    _export(out, export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
+            fallback=chat_fallback)
 
 
-def _exported(fn, table, **kwargs):
+def _export(out: str, fn, table, **kwargs) -> None:
+    from collections import Counter
+
+    skipped: Counter = Counter()
     try:
-        return fn(table, **kwargs)
+        result = fn(table, skipped=skipped, **kwargs)
     except (KeyError, ValueError) as e:
         raise _fail(f"{fn.__name__}: {e}") from None
+    _write(out, result, table.num_rows, skipped)
 
 
 @dev.command("tiny-models")
@@ -231,7 +328,7 @@ def submit(
                                     submission_id=submission_id))
 
 
-SERVE_SKIP = ("input", "output", "input_format", "rows_per_file", "overwrite")  # batch-only options
+SERVE_SKIP = ("input", "output", "input_format", "rows_per_file", "overwrite", "reuse", "retry_errors")  # batch-only
 
 
 def _serve(config: Optional[Path] = None, host: str = "127.0.0.1", port: int = 8000,
@@ -266,6 +363,61 @@ _serve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     *(_param(n, f) for n, f in JobConfig.model_fields.items() if n not in SERVE_SKIP),
 ])
 app.command("serve")(_serve)
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Self-Principled Critique Tuning: train a GRM or a meta RM "
+                        "from grm-ray's own exports (TRL; in this process or on Ray Train).")
+app.add_typer(train_app, name="train")
+TRAIN_HELP = {
+    "rft": ("Rejective fine-tuning: SFT on `export-rft` trajectories (loss on the trajectory only).",
+            "export-rft Parquet (file, directory, glob or s3://)."),
+    "grpo": ("Rule-based online RL: GRPO with rule_reward (+1 labelled best strictly highest, else -1) only.",
+             "Labelled preference rows in any `score` input format (or a scored output)."),
+    "meta-rm": ("Meta RM: a one-logit classifier, binary cross-entropy on `export-meta` rows.",
+                "export-meta Parquet (file, directory, glob or s3://)."),
+}
+
+
+def _train_command(recipe: str):
+    from .train import COMMON, GRPO_ONLY, TrainConfig
+
+    def command(data: Optional[str] = None, output: Optional[str] = None, config: Optional[Path] = None,
+                **options: Any) -> None:
+        _setup_logging()
+        from .train import load_train_config, train
+
+        try:
+            cfg = load_train_config(str(config) if config else None, recipe=recipe, data=data, output=output,
+                                    **options)
+        except ConfigError as e:
+            raise _fail(str(e)) from None
+        if not cfg.data or not cfg.output or not cfg.base:
+            raise _fail(f"train {recipe} needs DATA, OUTPUT_DIR and --base (as arguments or in --config)")
+        typer.echo(f"grm-ray train {recipe}, resolved config:\n" + json.dumps(cfg.public(), indent=2))
+        try:
+            summary = train(cfg)
+        except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+            raise _fail(str(e)) from None
+        typer.echo("summary: " + json.dumps(summary, indent=2))
+
+    names = [n for n in COMMON if n not in POSITIONAL_TRAIN] + (list(GRPO_ONLY) if recipe == "grpo" else [])
+    command.__doc__ = TRAIN_HELP[recipe][0]
+    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                          default=typer.Argument(None, help=TRAIN_HELP[recipe][1])),
+        inspect.Parameter("output", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                          default=typer.Argument(None, help="Output model directory (or s3:// URI).")),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML file of options (keys = option names "
+                                               "with underscores); command-line options override it.")),
+        *(_param(n, TrainConfig.model_fields[n]) for n in names),
+    ])
+    return command
+
+
+POSITIONAL_TRAIN = ("data", "output")
+for _recipe in ("rft", "grpo", "meta-rm"):
+    train_app.command(_recipe)(_train_command(_recipe))
 
 
 def main() -> None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -55,7 +58,7 @@ class JobConfig(BaseModel):
     seed: int = Field(0, description="Seed for sampling and tie-breaks; a rerun with the same seed repeats.")
     structured: bool = Field(False, description="Constrain output so it always ends in a parseable score box.")
     adaptive: Literal["off", "exact", "confident"] = Field(
-        "off", description="Sample in rounds and stop items early: exact never changes the winner.")
+        "off", description="Sample in rounds and stop items early: exact never changes the winner (no meta RM).")
     risk: float = Field(0.01, gt=0, lt=1, description="For adaptive=confident: allowed chance of a changed winner.")
     hint: bool = Field(False, description="Append 'The best response is: Response X' from the label (RFT data).")
     chat_fallback: Literal["plain", "gemma"] = Field(
@@ -75,28 +78,47 @@ class JobConfig(BaseModel):
     # resources
     grm_actors: tuple[int, int] = Field((1, 1), description="GRM actor pool size, MIN or MIN,MAX (autoscales).")
     meta_actors: tuple[int, int] = Field((1, 1), description="Meta RM actor pool size, MIN or MIN,MAX.")
+    device: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="Where engine actors run. auto: GPUs on a Ray cluster (asked for even before a GPU "
+        "node is up, so the autoscaler adds one) and on a local Ray with GPUs; CPU on a local Ray without.")
     gpus_per_actor: Optional[float] = Field(
-        None, ge=0, description="GPUs per engine actor (>1 = tensor parallel); default 1 with GPUs, else 0.")
+        None, ge=0, description="GPUs per engine actor when on GPU (>1 = tensor parallel); default 1. 0 = CPU.")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description='Custom Ray resources per engine actor, JSON: {"node:gpu-a100": 0.01}.')
     cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per engine actor.")
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="vLLM memory share (of CPU memory on CPU); default 0.9 GPU / 0.3 CPU.")
     batch_size: int = Field(32, ge=1, description="Items per batch of an engine actor; larger keeps GPUs busier.")
     max_batches_in_flight: int = Field(
         4, ge=1, description="Batches an engine actor works on at once; their requests share the engine's batch.")
-    rows_per_file: int = Field(1000, ge=1, description="Rows per committed output part (the resume granularity).")
+    rows_per_file: int = Field(4096, ge=1, description="Rows per committed output part at most (the resume granularity).")
+    part_bytes: int = Field(128 << 20, ge=1 << 10, description="Bytes (in memory) per output part at most; "
+                            "a batch larger than this is committed as several parts.")
+    unit_rows: int = Field(1024, ge=1, description="Input rows per read task at most: a task never spans two row "
+                           "groups, and a big group is split, so the engine pool gets many blocks to share.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="Extra vLLM engine arguments (AsyncEngineArgs keywords).")
     # run
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")
+    rescore_changed: bool = Field(False, description="On resume, drop the labels of input files that changed "
+                                  "since they were scored and score them again (default: refuse, naming them).")
+    lease_expiry: float = Field(180, ge=5, description="Seconds without a heartbeat after which another job "
+                                "may take over this output's writer lease.")
+    reuse: Optional[str] = Field(None, description="Previous output: rows whose item and result-changing options "
+                                 "are unchanged take its labels (reused=true); only the rest are scored.")
+    retry_errors: bool = Field(False, description="On a rerun, rescore rows committed with an engine-side error "
+                               "(no valid sample, prompt too long); input errors stay.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
     s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+    verbose: bool = Field(False, description="Show Ray / vLLM start-up logs and warnings on the console too "
+                          "(always in the log file beside the output).")
 
     @field_validator("grm_actors", "meta_actors", mode="before")
     @classmethod
     def _parse_pool(cls, v: Any) -> tuple[int, int]:
         return _pool(v)
 
-    @field_validator("engine_kwargs", mode="before")
+    @field_validator("engine_kwargs", "actor_resources", mode="before")
     @classmethod
     def _parse_json(cls, v: Any) -> Any:
         """The command line gives engine_kwargs as a JSON string."""
@@ -113,6 +135,14 @@ class JobConfig(BaseModel):
             raise ValueError(f"k_meta ({self.k_meta}) cannot exceed k ({self.k})")
         if self.engine == "openai" and not self.base_url:
             raise ValueError("engine=openai needs base_url (the OpenAI-compatible server, e.g. http://host:8000/v1)")
+        if self.device == "cpu" and self.gpus_per_actor:
+            raise ValueError(f"device=cpu conflicts with gpus_per_actor={self.gpus_per_actor}; drop one")
+        if self.adaptive != "off" and self.meta_mode != "none":
+            raise ValueError(
+                f"adaptive={self.adaptive} with meta_mode={self.meta_mode} is refused: the stopping rules watch the "
+                "plain vote, while meta-guided voting keeps the top k_meta samples by meta score, which a sample "
+                "not yet drawn can change, so an early stop could change the meta-guided winner; use "
+                "adaptive=off with a meta RM, or meta_mode=none to stop early")
         if self.meta_mode == "classifier" and not self.meta_model:
             raise ValueError("meta_mode=classifier needs meta_model (a sequence-classification model)")
         return self
@@ -131,6 +161,11 @@ class JobConfig(BaseModel):
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
     """Config file (YAML) first, then overrides that are not None; errors name the key."""
+    return load_into(JobConfig, "job", path, overrides)
+
+
+def load_into(model: type[M], what: str, path: str | Path | None, overrides: dict[str, Any]) -> M:
+    """A typed config (`model`) from a YAML file and overrides that are not None; errors name the key."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -142,13 +177,18 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return JobConfig(**data)
+        return model(**data)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
-            msg = err["msg"].removeprefix("Value error, ")
-            msgs.append(f"{key}: {msg}" if key else msg)
-            msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
         src = f" in {path}" if path else ""
-        raise ConfigError(f"invalid job config{src}: " + "; ".join(msgs)) from None
+        raise ConfigError(f"invalid {what} config{src}: {validation_message(e)}") from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """'k: Input should be greater than or equal to 1; foo: ... (unknown key)': every error, naming its key."""
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
+        msg = err["msg"].removeprefix("Value error, ")
+        msgs.append(f"{key}: {msg}" if key else msg)
+        msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""
+    return "; ".join(msgs)

@@ -1,7 +1,6 @@
 """`grm-ray demo`: the full pipeline on one machine with packaged data and a model that needs no hub."""
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -42,11 +41,10 @@ def demo_config(output: str, items: int, k: int) -> JobConfig:
 
 
 def run_demo(output: str, items: int = 24, k: int = 4) -> None:
-    from .pipeline import run
+    from .cli import run_job
 
     cfg = demo_config(output, items, k)
-    typer.echo("grm-ray demo, resolved config:\n" + json.dumps(cfg.public(), indent=2))
-    summary = run(cfg)
+    summary = run_job(cfg)  # the progress display; the config and Ray / vLLM output go to the log file
     table = sorted(read_table(output).to_pylist(), key=lambda r: int(r["source"].rsplit("#", 1)[1]))
     correct = sum(r["best_index"] == r["label"] and not r["tie"] for r in table if r["error"] is None)
     scored = sum(r["error"] is None for r in table)

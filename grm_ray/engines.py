@@ -119,7 +119,7 @@ class _Engine(_Loop):
         atexit.register(self.close)  # before interpreter teardown: the engine core stops cleanly, no noise
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len: int = self.llm.model_config.max_model_len
-        self._add_special = not getattr(self.tokenizer, "chat_template", None)
+        self._add_special = prompts.special_tokens(self.tokenizer)
 
     async def _request(self, stream: Any) -> Any:
         """Await one request's final output from any loop; cancelling the caller aborts the request."""
@@ -331,8 +331,7 @@ class MetaEngine(_Engine):
     def render_item(self, conversation: prompts.Conversation, responses: Sequence[str], sample_text: str) -> str:
         if self.mode == "classifier":
             messages = prompts.meta_messages(conversation, responses, sample_text)
-            return prompts.apply_chat_template(self.tokenizer, messages, self.cfg.chat_fallback,
-                                               add_generation_prompt=False)
+            return prompts.meta_input(self.tokenizer, messages, self.cfg.chat_fallback)
         return self.render(prompts.judge_prompt(conversation, responses, sample_text))
 
     async def ascore(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:

@@ -12,12 +12,13 @@ for multi-turn data prefer "conversational", which keeps the turns as messages.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
 from . import schema as S
-from .prompts import apply_chat_template, format_conversation, meta_messages, render_grm_prompt
+from .prompts import format_conversation, meta_input, meta_messages, render_grm_prompt
 
 FORMATS = ("standard", "conversational")
 
@@ -72,18 +73,30 @@ def _types(conversational: bool) -> tuple[pa.DataType, pa.DataType]:
     return pa.string(), pa.string()
 
 
-def _decided(row: dict[str, Any]) -> bool:
-    """A row whose vote named one best response out of several."""
-    return (row.get(S.ERROR) is None and row.get(S.REWARDS) is not None and len(row[S.REWARDS]) > 1
-            and not row.get(S.TIE))
+def _undecided(row: dict[str, Any]) -> str | None:
+    """Why a row's vote did not name one best response out of several (None when it did): a skip reason."""
+    if row.get(S.ERROR) is not None:
+        return "row errors"
+    if row.get(S.REWARDS) is None:
+        return "rows without a vote"
+    if len(row[S.REWARDS]) < 2:
+        return "single-response rows"
+    return "ties for the top" if row.get(S.TIE) else None
 
 
-def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard") -> pa.Table:
+def _skip(skipped: Counter | None, reason: str) -> None:
+    if skipped is not None:
+        skipped[reason] += 1
+
+
+def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard",
+               skipped: Counter | None = None) -> pa.Table:
     """One pair per decided item: chosen = `best_index`, rejected = the lowest reward (earliest on a tie).
 
     `margin` = chosen_reward - rejected_reward, and min_margin compares THIS pair margin, not the table's
     `margin` column (best minus runner-up): it is the gap behind this pair's preference. For pairs the two
-    agree. Skipped: errors, rows without a valid sample, single responses, ties for the top, margin < min_margin.
+    agree. Skipped: errors, rows without a valid sample, single responses, ties for the top, margin < min_margin;
+    `skipped` (when given) counts them by reason, for telling a user why an export is empty.
     """
     conv = _check(fmt)
     prompt_t, reply_t = _types(conv)
@@ -92,12 +105,14 @@ def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard") 
                         ("margin", pa.float64()), ("id", pa.string())])
     out = []
     for row in _rows(table):
-        if not _decided(row):
+        if why := _undecided(row):
+            _skip(skipped, why)
             continue
         rewards, best = row[S.REWARDS], row[S.BEST_INDEX]
         worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
         margin = rewards[best] - rewards[worst]
         if margin < min_margin:
+            _skip(skipped, f"pairs below --min-margin {min_margin:g}")
             continue
         out.append({"prompt": _prompt(row[S.MESSAGES], conv),
                     "chosen": _reply(row[S.RESPONSES][best], conv),
@@ -107,7 +122,8 @@ def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard") 
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def export_best_of_n(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard") -> pa.Table:
+def export_best_of_n(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard",
+                     skipped: Counter | None = None) -> pa.Table:
     """Rejection-sampling SFT data: the best response of each decided item as `completion`.
 
     Skipped as in export_dpo; here min_margin compares the table's `margin` column (best minus runner-up),
@@ -119,7 +135,9 @@ def export_best_of_n(table: pa.Table, min_margin: float = 0.0, fmt: str = "stand
                         ("margin", pa.float64()), ("id", pa.string())])
     out = []
     for row in _rows(table):
-        if not _decided(row) or row[S.MARGIN] < min_margin:
+        why = _undecided(row) or (f"items below --min-margin {min_margin:g}" if row[S.MARGIN] < min_margin else None)
+        if why:
+            _skip(skipped, why)
             continue
         best = row[S.BEST_INDEX]
         out.append({"prompt": _prompt(row[S.MESSAGES], conv), "completion": _reply(row[S.RESPONSES][best], conv),
@@ -127,12 +145,17 @@ def export_best_of_n(table: pa.Table, min_margin: float = 0.0, fmt: str = "stand
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def _judged_samples(row: dict[str, Any], threshold: int) -> list[tuple[int, dict[str, Any], bool]]:
+def _judged_samples(row: dict[str, Any], threshold: int,
+                    skipped: Counter | None = None) -> list[tuple[int, dict[str, Any], bool]]:
     """(index, sample, correct) for the valid samples of a labelled row without error; [] otherwise."""
     if row.get(S.ERROR) is not None or row.get(S.LABEL) is None:
+        _skip(skipped, "row errors" if row.get(S.ERROR) is not None else "unlabelled rows")
         return []
-    return [(i, s, rule_reward(s["scores"], row[S.LABEL], threshold) == 1)
-            for i, s in enumerate(row.get(S.SAMPLES) or []) if s["scores"] is not None]
+    judged = [(i, s, rule_reward(s["scores"], row[S.LABEL], threshold) == 1)
+              for i, s in enumerate(row.get(S.SAMPLES) or []) if s["scores"] is not None]
+    if not judged:
+        _skip(skipped, "rows without a valid sample")
+    return judged
 
 
 def _hint(row: dict[str, Any], sample: dict[str, Any]) -> int | None:
@@ -145,7 +168,8 @@ def _hint(row: dict[str, Any], sample: dict[str, Any]) -> int | None:
     return None
 
 
-def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard") -> pa.Table:
+def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard",
+               skipped: Counter | None = None) -> pa.Table:
     """Rejective fine-tuning data: the correct trajectories of items that are not too easy.
 
     A valid sample is kept when rule_reward is +1. An item is dropped when it has no label, or is "too easy":
@@ -160,10 +184,13 @@ def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard") -> pa
                         ("sample", pa.int64())])
     out = []
     for row in _rows(table):
-        judged = _judged_samples(row, threshold)
+        judged = _judged_samples(row, threshold, skipped)
         unhinted = [ok for _, s, ok in judged if _hint(row, s) is None]
         if unhinted and all(unhinted):
+            _skip(skipped, "too easy (every unhinted sample correct)")
             continue
+        if judged and not any(ok for _, _, ok in judged):
+            _skip(skipped, "rows without a correct sample")
         for i, s, ok in judged:
             if ok:
                 shown = [row[S.RESPONSES][j] for j in s["order"]]
@@ -173,7 +200,8 @@ def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard") -> pa
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def export_meta(table: pa.Table, threshold: int = 6, tokenizer: Any = None, fallback: str = "plain") -> pa.Table:
+def export_meta(table: pa.Table, threshold: int = 6, tokenizer: Any = None, fallback: str = "plain",
+                skipped: Counter | None = None) -> pa.Table:
     """Meta-RM training data: every valid sample of a labelled item, `label` 1 if correct by rule_reward, else 0.
 
     `messages` is the meta-RM chat (prompts.meta_messages, responses in the sample's shown order; the
@@ -186,8 +214,8 @@ def export_meta(table: pa.Table, threshold: int = 6, tokenizer: Any = None, fall
                         ("id", pa.string()), ("sample", pa.int64())])
     out = []
     for row in _rows(table):
-        for i, s, ok in _judged_samples(row, threshold):
+        for i, s, ok in _judged_samples(row, threshold, skipped):
             chat = meta_messages(row[S.MESSAGES], [row[S.RESPONSES][j] for j in s["order"]], s["text"])
-            text = apply_chat_template(tokenizer, chat, fallback=fallback, add_generation_prompt=False)
+            text = meta_input(tokenizer, chat, fallback)
             out.append({"messages": chat, "text": text, "label": int(ok), "id": row[S.ID], "sample": i})
     return pa.Table.from_pylist(out, schema=schema)

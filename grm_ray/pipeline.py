@@ -1,7 +1,8 @@
 """The scoring job: Ray Data wiring of the stages, pool sizing, resume and exactly-once output.
 
-    plan (driver: Parquet footers, ids)  ->  read + Normalize (tasks)  ->  GRMSampler (actor pool)
-    ->  MetaScorer (actor pool, optional)  ->  Vote + commit part (tasks)  ->  summary (driver)
+    plan.py (driver: per-file and per-unit facts)  ->  read + Normalize (tasks)  ->  GRMSampler (actor pool)
+    ->  MetaScorer (actor pool, optional)  ->  Vote (tasks)  ->  commit part (tasks)  ->  count check, summary
+    (the middle three are `add_scoring`, shared with `score_dataset`; --reuse routes unchanged rows around them)
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import math
 import os
 import posixpath
 import re
+import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -22,26 +23,13 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .schema import ERROR, ID, NORMALIZED, OUTPUT_FIELDS, SOURCE, VOTED, detect_format, required_columns
+from .plan import (JobError, Lease, Plan, check_counts, check_previous_job, duplicate_ids, error_rows, make_plan,
+                   part_record, read_ledger, rewrite_parts, rows_of_files, scan_inputs)
+from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, aapply, apply
 
 log = logging.getLogger(__name__)
 LIGHT_CPUS = 0.25  # read / vote / write tasks: light, and must not starve the engine actors of slots
-OUR_COLUMNS = set(NORMALIZED.names) | set(VOTED.names)
-
-
-class JobError(RuntimeError):
-    """The job cannot start or cannot finish correctly; the message says why and what to do."""
-
-
-@dataclass
-class Plan:
-    units: list[dict[str, Any]] = field(default_factory=list)  # one per (file, row group) with work left
-    passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))
-    total_rows: int = 0
-    skipped_rows: int = 0  # already committed by an earlier attempt
-    bad_files: dict[str, str] = field(default_factory=dict)  # unreadable input -> reason
-    sources: set[str] = field(default_factory=set)
 
 
 def versions() -> dict[str, str]:
@@ -54,91 +42,38 @@ def versions() -> dict[str, str]:
     return out
 
 
-def plan(cfg: JobConfig, done: set[str]) -> Plan:
-    """Read every input footer (and `id` column) on the driver: formats, duplicates, work units."""
-    fs, files = storage.list_inputs(cfg.input, cfg.s3_endpoint_url)
-    root = posixpath.dirname(files[0]) if len(files) == 1 else posixpath.commonpath(files)
-    p = Plan()
-    metas, id_counts = {}, collections.Counter()
-    schemas: list[tuple[str, pa.Schema]] = []
-    for path in files:
-        rel = posixpath.relpath(path, root)
-        try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                meta, schema = pf.metadata, pf.schema_arrow
-                if ID in schema.names:
-                    id_counts.update(_ids(pf.read(columns=[ID]).column(ID)))
-        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, the rest still run
-            p.bad_files[rel] = f"not a readable Parquet file: {type(e).__name__}: {e}"
-            continue
-        metas[path] = (rel, meta, schema)
-        schemas.append((rel, pa.schema([f for f in schema if f.name not in OUR_COLUMNS])))
-    p.passthrough = _unify(schemas)
-    dups = {i for i, c in id_counts.items() if c > 1}
-    for path, (rel, meta, schema) in metas.items():
-        fmt, file_error = _format(cfg, schema.names, rel)
-        first = 0
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            rows = [r for r in range(first, first + n)]
-            todo = [r for r in rows if f"{rel}#{r}" not in done]
-            p.sources.update(f"{rel}#{r}" for r in rows)
-            p.total_rows += n
-            p.skipped_rows += n - len(todo)
-            if todo:
-                p.units.append({"path": path, "rel": rel, "group": g, "first": first, "todo": todo,
-                                "fmt": fmt, "file_error": file_error, "dups": sorted(dups)})
-            first += n
-    return p
-
-
-def _ids(column: pa.ChunkedArray) -> list[str]:
-    """An id column as strings; an id that is not valid UTF-8 is that row's error later (Normalize), not
-    the file's, so its bytes are kept distinct here (surrogateescape) instead of failing the read."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return [b.decode("utf-8", "surrogateescape") for b in column.cast(pa.binary()).to_pylist() if b is not None]
-    return [str(i) for i in column.to_pylist() if i is not None]
-
-
-def _unify(schemas: list[tuple[str, pa.Schema]]) -> pa.Schema:
-    unified = pa.schema([])
-    for rel, s in schemas:
-        try:
-            unified = pa.unify_schemas([unified, s], promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise JobError(f"input shard {rel} has a column whose type conflicts with earlier shards ({e}); "
-                           "make the shards' schemas agree or score them as separate jobs") from None
-    return unified
-
-
-def _format(cfg: JobConfig, names: list[str], rel: str) -> tuple[str | None, str | None]:
-    try:
-        fmt = detect_format(names) if cfg.input_format == "auto" else cfg.input_format
-    except ValueError as e:
-        return None, f"file {rel}: {e}"
-    missing = [c for c in required_columns(fmt) if c not in names]
-    if fmt == "responses" and not ({"prompt", "messages"} & set(names)):
-        missing.append("prompt or messages")
-    if missing:
-        return fmt, f"file {rel}: missing column(s) {missing} for input format {fmt!r}"
-    return fmt, None
-
-
-def read_units(units: pa.Table, cfg: JobConfig, passthrough: pa.Schema) -> Iterator[pa.Table]:
-    """Ray Data UDF: read each unit's row group, skip committed rows, normalise, conform the schema."""
+def read_units(units: pa.Table, cfg: JobConfig, passthrough: pa.Schema,
+               duplicate_ids: frozenset[str]) -> Iterator[pa.Table]:
+    """Ray Data UDF: read each unit's row range, normalise, conform the schema; memory bounded by the chunk,
+    not by the row group (a unit may be a slice of a million-row group)."""
     normalize = Normalize(cfg)
+    chunk = cfg.batch_size * 4
     for u in units.to_pylist():
         fs, _ = storage.filesystem(cfg.input, cfg.s3_endpoint_url)
         with fs.open(u["path"], "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(u["group"])
-        todo = u["todo"]
-        table = table.take([r - u["first"] for r in todo])
-        for start in range(0, table.num_rows, cfg.batch_size * 4):
-            chunk = table.slice(start, cfg.batch_size * 4)
-            out = normalize(chunk, u["rel"], todo[start : start + chunk.num_rows], u["fmt"],
-                            frozenset(u["dups"]), u["file_error"])
-            yield _conform(out, passthrough)
+            for first, table in _row_range(pq.ParquetFile(f), u["groups"], u["start"], u["stop"], chunk):
+                if u["renames"]:
+                    table = table.rename_columns([u["renames"].get(c, c) for c in table.column_names])
+                out = normalize(table, u["key"], range(first, first + table.num_rows), u["fmt"],
+                                duplicate_ids, u["file_error"])
+                yield _conform(out, passthrough)
+
+
+def _row_range(pf: pq.ParquetFile, groups: list[int], start: int, stop: int,
+               chunk: int) -> Iterator[tuple[int, pa.Table]]:
+    """Rows [start, stop) of a file as (first row, table) chunks of at most `chunk` rows."""
+    first = 0
+    for g, n in enumerate(groups):
+        if first + n > start and first < stop:
+            at = first
+            for batch in pf.iter_batches(batch_size=chunk, row_groups=[g]):
+                lo, hi = max(start, at), min(stop, at + batch.num_rows)
+                if lo < hi:
+                    yield lo, pa.Table.from_batches([batch.slice(lo - at, hi - lo)])
+                at += batch.num_rows
+                if at >= stop:
+                    break
+        first += n
 
 
 def _conform(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
@@ -180,21 +115,41 @@ def warn_if_underfed(cfg: JobConfig, max_num_seqs: int | None, stage: str) -> bo
     return True
 
 
-def vote_and_commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str]) -> pa.Table:
-    """Vote, then commit the batch as one part file; returns one summary row."""
-    table = _locate_errors(apply(Vote(cfg), table))
-    order = [f.name for f in table.schema if f.name not in OUR_COLUMNS] + [f.name for f in OUTPUT_FIELDS]
-    table = table.select(order)
+def finalize(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
+    """The output row shape: the unified input columns, then ours (`reused` false unless a reuse set it)."""
+    if REUSED not in table.column_names:
+        table = table.append_column(REUSED, pa.array([False] * table.num_rows, pa.bool_()))
+    schema = pa.schema([*passthrough, *OUTPUT_FIELDS])
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, str],
+           fingerprints: dict[str, str], passthrough: pa.Schema) -> pa.Table:
+    """Commit the batch as one part file (several if it is over cfg.part_bytes); one summary row per part
+    (samples and tokens: this run's, not those of reused rows)."""
+    table = finalize(table, passthrough)
     fs, _ = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
-    name = storage.write_part(fs, out_dir, table, metadata)
-    samples = table.column("samples").to_pylist()
-    return pa.table({
-        "part": [posixpath.basename(name)], "rows": [table.num_rows],
-        "errors": [table.num_rows - table.column(ERROR).null_count],
-        "samples": [sum(len(s or []) for s in samples)],
-        "valid": [sum(sum(x["valid"] for x in s or []) for s in samples)],
-        "tokens": [sum(sum(x["n_tokens"] for x in s or []) for s in samples)],
-    })
+    step = math.ceil(table.num_rows / max(1, math.ceil(table.nbytes / cfg.part_bytes)))
+    rows = []
+    for start in range(0, table.num_rows, step):
+        part = table.slice(start, step)
+        record = part_record(part.column(SOURCE).to_pylist(), fingerprints)
+        name = storage.write_part(fs, out_dir, part, metadata, record)
+        reused = part.column(REUSED).to_pylist()
+        samples = [s for s, r in zip(part.column("samples").to_pylist(), reused) if not r]
+        rows.append({
+            "part": posixpath.basename(name), "rows": part.num_rows, "reused": sum(reused),
+            "errors": part.num_rows - part.column(ERROR).null_count,
+            "samples": sum(len(s or []) for s in samples),
+            "valid": sum(sum(x["valid"] for x in s or []) for s in samples),
+            "tokens": sum(sum(x["n_tokens"] for x in s or []) for s in samples),
+        })
+    return pa.Table.from_pylist(rows)
+
+
+def vote(table: pa.Table, cfg: JobConfig) -> pa.Table:
+    """Ray Data UDF: the Vote stage, with every row error located."""
+    return _locate_errors(apply(Vote(cfg), table))
 
 
 def _locate_errors(table: pa.Table) -> pa.Table:
@@ -218,7 +173,7 @@ def init_ray(cfg: JobConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+    if on_cluster(cfg):
         ray.init(address=cfg.ray_address, log_to_driver=True)
         return False
     # A local Ray: logical CPUs are scheduling slots; engine actors and light tasks share the cores.
@@ -228,14 +183,31 @@ def init_ray(cfg: JobConfig) -> bool:
     return True
 
 
-def engine_resources(cfg: JobConfig) -> dict[str, Any]:
-    """Ray resources of one engine actor (batch pools and Serve replicas): cfg's, or one GPU if the cluster has any."""
+def on_cluster(cfg: JobConfig) -> bool:
+    """Whether the job joins a Ray cluster (an address given, or RAY_ADDRESS as inside a Ray job)."""
+    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def engine_gpus(cfg: JobConfig) -> float:
+    """GPUs of one engine actor: none with device=cpu or gpus_per_actor=0; else gpus_per_actor (default 1)
+    on GPU, which `auto` picks on a cluster (before any GPU node is up: the autoscaler reacts to the
+    pending demand) and on a local Ray that has GPUs."""
     import ray
 
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if cfg.device == "cpu":
+        return 0.0
+    gpus = 1.0 if cfg.gpus_per_actor is None else cfg.gpus_per_actor
+    if cfg.device == "gpu" or cfg.gpus_per_actor is not None or on_cluster(cfg):
+        return gpus
+    return gpus if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def engine_resources(cfg: JobConfig) -> dict[str, Any]:
+    """Ray resources of one engine actor (batch pools and Serve replicas)."""
+    gpus = engine_gpus(cfg)
     res: dict[str, Any] = {"num_gpus": gpus, "num_cpus": cfg.cpus_per_actor}
+    if cfg.actor_resources:
+        res["resources"] = dict(cfg.actor_resources)
     if not gpus:
         # CPU: run vLLM's engine core inside the actor (no extra spawned processes, ~10 s faster start,
         # threads follow the actor's num_cpus). GPU keeps vLLM's default engine-core process.
@@ -243,17 +215,15 @@ def engine_resources(cfg: JobConfig) -> dict[str, Any]:
     return res
 
 
-def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_stage: type = GRMSampler):
-    """The Ray Data pipeline; nothing runs until it is consumed.
+def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler):
+    """Normalised rows -> voted rows: the GRM actor pool, the meta RM pool (optional) and Vote; lazy.
 
-    `grm_stage` is for measurements of the streaming machinery alone (bench/, memory bounds).
+    Shared by `grm-ray score` (before its commit) and `score_dataset`. `grm_stage` is for measurements of
+    the streaming machinery alone (bench/, memory bounds).
     """
     import ray
 
     res = engine_resources(cfg)
-    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
-                        fn_kwargs={"cfg": cfg, "passthrough": p.passthrough})
     # Engine pools autoscale between MIN and MAX actors; Ray Data restarts a dead actor and retries its
     # batches by default (max_restarts=-1, max_task_retries=-1). max_concurrent_calls_per_actor becomes the
     # actor's max_concurrency (as ray.data.llm's vLLM stage sets it): the async actor runs that many batches
@@ -268,77 +238,161 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], grm_s
                             compute=ray.data.ActorPoolStrategy(
                                 min_size=low, max_size=high, max_concurrent_calls_per_actor=cfg.max_batches_in_flight),
                             **remote)
-    return ds.map_batches(vote_and_commit, batch_size=cfg.rows_per_file, batch_format="pyarrow",
-                          num_cpus=LIGHT_CPUS, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata})
+    return ds.map_batches(vote, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          fn_kwargs={"cfg": cfg})
 
 
-def _prepare_output(cfg: JobConfig) -> tuple[Any, str, set[str]]:
-    """Start afresh (--overwrite) or resume: refuse to mix configs, drop temp files, list done rows."""
-    fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
-    job_path = posixpath.join(out_dir, storage.JOB_FILE)
-    if cfg.overwrite and fs.exists(out_dir):
-        fs.rm(out_dir, recursive=True)
-    storage.make_output_dir(fs, out_dir)
-    previous = storage.read_json(fs, job_path)
-    if previous:
-        changed = {k: (v, cfg.public().get(k)) for k, v in previous["config"].items()
-                   if k in RESULT_KEYS and cfg.public().get(k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
-            raise JobError(f"output {cfg.output} holds results of a different job ({diff}); "
-                           "rerun with the same options to resume, or pass --overwrite to start afresh")
-    elif storage.committed_parts(fs, out_dir):
-        raise JobError(f"output {cfg.output} holds part files but no {storage.JOB_FILE}; "
-                       "use another output or --overwrite")
-    cleaned = storage.clean_temporaries(fs, out_dir)
-    if cleaned:
-        log.info("removed %d unfinished temporary file(s) from an interrupted run", cleaned)
-    return fs, out_dir, set(storage.read_committed(fs, out_dir, [SOURCE]).column(SOURCE).to_pylist())
+def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], duplicate_ids: frozenset[str] = frozenset(),
+          grm_stage: type = GRMSampler):
+    """The Ray Data pipeline; nothing runs until it is consumed (with --reuse, the join with the previous
+    output runs first; see reuse.py).
+
+    `grm_stage` is for measurements of the streaming machinery alone (bench/, memory bounds).
+    """
+    import ray
+
+    passthrough = p.inputs.passthrough
+    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                        fn_kwargs={"cfg": cfg, "passthrough": passthrough, "duplicate_ids": duplicate_ids})
+    reused = None
+    if cfg.reuse:
+        from .reuse import split
+
+        reused, ds = split(ds, cfg, passthrough, p.total_rows - p.skipped_rows)
+    ds = add_scoring(ds, cfg, grm_stage)
+    fin = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"passthrough": passthrough})
+    if reused is not None:  # both branches in the output shape, so the commit's batches concatenate
+        ds = ds.map_batches(finalize, **fin).union(reused.map_batches(finalize, **fin))
+    prints = {f.key: f.fingerprint for f in p.inputs.files}
+    return ds.map_batches(commit, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata, "fingerprints": prints,
+                                     "passthrough": passthrough})
 
 
-# Options that change results: resuming with a different value would mix two jobs in one output.
-RESULT_KEYS = ("input", "input_format", "max_responses", "model", "k", "temperature", "top_p", "max_tokens",
-               "seed", "structured", "adaptive", "risk", "hint", "chat_fallback", "meta_mode", "meta_model",
-               "k_meta")
+def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
+    """Score cfg.input into cfg.output; resumable; one writer at a time; returns the run summary (also in
+    _job.json).
 
-
-def run(cfg: JobConfig) -> dict[str, Any]:
-    """Score cfg.input into cfg.output; resumable; returns the run summary (also in _job.json)."""
+    `progress` (e.g. console.Console) is told the plan's row counts, start(total, done), and each committed
+    part's summary row, part(row): the live display of `grm-ray score`.
+    """
     t0 = time.time()
-    fs, out_dir, done = _prepare_output(cfg)
-    p = plan(cfg, done)
+    fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
+    storage.make_output_dir(fs, out_dir)
+    lease = Lease(fs, out_dir, cfg.lease_expiry)
+    lease.acquire()
+    try:
+        return _run(cfg, fs, out_dir, lease, t0, progress)
+    finally:
+        lease.release()
+
+
+def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progress: Any) -> dict[str, Any]:
+    check_previous_job(cfg, fs, out_dir)
+    inputs = scan_inputs(cfg)
+    led = read_ledger(fs, out_dir)
+    p = make_plan(cfg, inputs, led)
+    if p.rescore:
+        dropped = rewrite_parts(fs, {x for k in p.rescore for x in led.parts_of[k]}, rows_of_files(set(p.rescore)))
+        log.warning("rescoring %d changed input file(s) (%s): dropped their %d committed row(s)", len(p.rescore),
+                    ", ".join(p.rescore[:5]), dropped)
+        p = make_plan(cfg.model_copy(update={"rescore_changed": False}), inputs, read_ledger(fs, out_dir))
+    if cfg.retry_errors:
+        from .retry import drop_engine_errors
+
+        if drop_engine_errors(cfg, fs, out_dir):
+            p = make_plan(cfg, inputs, read_ledger(fs, out_dir))
+    for key, n in sorted(p.orphans.items()):
+        log.warning("output holds %d committed row(s) of %s that the input no longer has (file gone or "
+                    "shorter); they are kept and reported in the summary as orphaned_rows", n, key)
     info = {"config": cfg.public(), "versions": versions(), "models": {"grm": cfg.model, "meta": cfg.meta_model}}
     job_path = posixpath.join(out_dir, storage.JOB_FILE)
     storage.write_json(fs, job_path, {**info, "status": "running"})
-    log.info("job: %d input rows in %d unit(s); %d already committed; %d unreadable file(s)",
-             p.total_rows, len(p.units), p.skipped_rows, len(p.bad_files))
-    for rel, why in p.bad_files.items():
-        log.error("input %s skipped: %s", rel, why)
+    log.info("job: %d input rows in %d file(s), %d unit(s) to score; %d already committed; %d unreadable file(s)",
+             p.total_rows, len(inputs.files), len(p.units), p.skipped_rows, len(p.bad_files))
+    for key, why in p.bad_files.items():
+        log.error("input %s skipped: %s", key, why)
     totals = collections.Counter()
+    if progress:
+        progress.start(p.total_rows, p.skipped_rows)
     if p.units:
         init_ray(cfg)
+        dups = duplicate_ids(cfg, inputs)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
+        watch = _PendingWatch(engine_resources(cfg))
         try:
-            for batch in build(cfg, p, out_dir, metadata).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in build(cfg, p, out_dir, metadata, dups).iter_batches(batch_size=None, batch_format="pyarrow"):
+                if lease.lost:
+                    raise JobError(f"{lease.lost}; stopped so that two jobs never write one output")
                 for row in batch.to_pylist():
                     totals.update({k: v for k, v in row.items() if k != "part"})
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
+                    if progress:
+                        progress.part(row)
+        except JobError:
+            raise
         except Exception as e:  # a task or actor failed for good, after Ray's retries (traceback logged above)
             try:  # counted in storage: the error can overtake the summaries of parts already committed
-                new = storage.read_committed(fs, out_dir, [SOURCE]).num_rows - p.skipped_rows
+                new = read_ledger(fs, out_dir).rows - p.skipped_rows
             except Exception:  # noqa: BLE001 - storage may be the cause; the summaries seen are a lower bound
                 new = totals["rows"]
             raise JobError(f"the job stopped after committing {new} new row(s): {_cause(e)}; "
                            "committed parts are kept: fix the cause and rerun the same command to resume") from e
+        finally:
+            watch.stop()
     storage.clean_temporaries(fs, out_dir)  # every task has ended: what a failed, retried write left goes
-    summary = _verify(fs, out_dir, p)
-    summary.update(new_rows=totals["rows"], samples=totals["samples"], valid_samples=totals["valid"],
-                   generated_tokens=totals["tokens"], wall_seconds=round(time.time() - t0, 2),
-                   bad_files=p.bad_files)
+    led = read_ledger(fs, out_dir)
+    check_counts(inputs, led)
+    summary = {"rows": led.rows, "error_rows": None, "output": out_dir, "new_rows": totals["rows"],
+               "reused_rows": totals["reused"], "errors_new": totals["errors"], "samples": totals["samples"],
+               "valid_samples": totals["valid"],
+               "generated_tokens": totals["tokens"], "wall_seconds": round(time.time() - t0, 2),
+               "bad_files": p.bad_files, "orphaned_rows": p.orphans, "parts": led.parts}
+    summary["error_rows"] = error_rows(fs, out_dir)
     storage.write_json(fs, job_path, {**info, "status": "complete" if not p.bad_files else "incomplete",
                                       "summary": summary})
     return summary
+
+
+class _PendingWatch:
+    """Logs, every GRM_RAY_PENDING_LOG_SECONDS (60), when this job's actors wait to be placed: on a cluster
+    whose GPU nodes are not up yet, what they wait for is the first thing a user needs to see."""
+
+    def __init__(self, need: dict[str, Any]):
+        self.need = {"GPU": need.get("num_gpus", 0), "CPU": need.get("num_cpus", 0), **need.get("resources", {})}
+        self.every = float(os.environ.get("GRM_RAY_PENDING_LOG_SECONDS", "60"))
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="grm-ray-pending", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - a diagnostic must never fail the job
+                log.debug("pending-actor check failed: %s", e)
+
+    def check(self) -> int:
+        import ray
+        from ray._private.state import state
+
+        job = ray.get_runtime_context().get_job_id()
+        pending = [a for a in state.actor_table(None).values()  # not placed yet (no process: Pid 0), not loading
+                   if a.get("State") == "PENDING_CREATION" and a.get("JobID") == job and not a.get("Pid")]
+        if pending:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            fits = [n for n in nodes if all(n.get(k, 0) >= v for k, v in self.need.items() if v)]
+            have = {k: sum(n.get(k, 0) for n in nodes) for k in self.need}
+            log.warning("%d actor(s) of this job are waiting for resources: each engine actor needs %s; %s "
+                        "(cluster now: %d node(s), %s)", len(pending), {k: v for k, v in self.need.items() if v},
+                        "no node has that yet: waiting for the autoscaler to add one (or pass --device cpu / "
+                        "smaller --gpus-per-actor)" if not fits else "nodes that fit are busy",
+                        len(nodes), have)
+        return len(pending)
 
 
 def _cause(e: BaseException) -> str:
@@ -354,16 +408,3 @@ def _cause(e: BaseException) -> str:
             return lines[-1]
     first = str(e).strip().splitlines()[:1]
     return f"{type(e).__name__}: {first[0] if first else 'no message'}"
-
-
-def _verify(fs: Any, out_dir: str, p: Plan) -> dict[str, Any]:
-    """The exactly-once check: every readable input row committed once, nothing else."""
-    committed = storage.read_committed(fs, out_dir, [SOURCE, ERROR])
-    counts = collections.Counter(committed.column(SOURCE).to_pylist())
-    dup = [s for s, c in counts.items() if c > 1]
-    missing = p.sources - counts.keys()
-    if dup or missing:
-        raise JobError(f"output check failed: {len(missing)} input row(s) missing (e.g. {sorted(missing)[:3]}), "
-                       f"{len(dup)} duplicated (e.g. {dup[:3]}); rerun the same command to resume")
-    return {"rows": committed.num_rows, "error_rows": committed.num_rows - committed.column(ERROR).null_count,
-            "output": out_dir}

@@ -5,6 +5,8 @@ DeepSeek-GRM models were trained on (GRM_SPEC section 2); the prose is ours.
 """
 from __future__ import annotations
 
+import functools
+import random
 from typing import Any, Sequence
 
 Message = dict[str, str]
@@ -145,20 +147,44 @@ def apply_chat_template(tokenizer: Any, messages: list[Message], fallback: str =
     return text + ("\n\n" if add_generation_prompt else "")
 
 
-def orderings(n: int, k: int, start: int = 0) -> list[tuple[list[int], int]]:
-    """Balanced response orders for k samples: cyclic rotations, each with its sample count.
+def meta_input(tokenizer: Any, chat: list[Message], fallback: str = "plain") -> str:
+    """A classifier meta RM's input text: the meta chat (meta_messages) through the model's chat template,
+    no generation prompt. Scoring (engines.MetaEngine), export-meta and `train meta-rm` all render with this."""
+    return apply_chat_template(tokenizer, chat, fallback=fallback, add_generation_prompt=False)
 
-    Every response sits in every position equally often when k is a multiple of n (pairs: both orders,
-    k/2 each). `start` continues the cycle across adaptive rounds.
-    >>> orderings(2, 4)
-    [([0, 1], 2), ([1, 0], 2)]
-    >>> orderings(3, 4)
-    [([0, 1, 2], 2), ([1, 2, 0], 1), ([2, 0, 1], 1)]
+
+def special_tokens(tokenizer: Any) -> bool:
+    """Whether encoding rendered text adds the tokenizer's special tokens: not when a chat template rendered
+    its own (<bos> etc.), as `LLM.chat` does; yes for the template-less fallbacks."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def orderings(n: int, k: int, seed: int = 0, start: int = 0) -> list[tuple[list[int], int]]:
+    """The response orders of samples start .. start+k-1 of one item, grouped: [(order, count), ...].
+
+    GRM_SPEC section 4. Samples come in blocks of n; block b is a random Latin square drawn from (seed, b):
+    its n rows put every response in every position once (pairs: both orders, so k/2 each for even k), and
+    its random column and symbol permutations give each block different neighbours (n > 2). A partial block
+    (k = 1, the odd sample of an odd k) takes random rows of its square, so the input order has no
+    advantage. Sample t's order depends only on (seed, t): a rerun, a resume and adaptive rounds
+    (start = samples drawn so far) draw the same orders. Equal orders are grouped so they share a prompt.
+    >>> sorted(c for _, c in orderings(2, 4, seed=7))
+    [2, 2]
     """
-    if n < 1 or k < 1:
-        return []
-    counts: dict[int, int] = {}
-    for j in range(k):
-        r = (start + j) % n
-        counts[r] = counts.get(r, 0) + 1
-    return [([(r + i) % n for i in range(n)], c) for r, c in counts.items()]
+    counts: dict[tuple[int, ...], int] = {}
+    for t in range(start, start + max(k, 0)) if n >= 1 else ():
+        order = sample_order(n, seed, t)
+        counts[order] = counts.get(order, 0) + 1
+    return [(list(o), c) for o, c in counts.items()]
+
+
+def sample_order(n: int, seed: int, t: int) -> tuple[int, ...]:
+    """Sample t's order: row (t mod n) of block t // n's random Latin square L[r][p] = sym[(row[r] + col[p]) % n]."""
+    return _latin_square(n, seed, t // n)[t % n]
+
+
+@functools.lru_cache(maxsize=1024)
+def _latin_square(n: int, seed: int, block: int) -> tuple[tuple[int, ...], ...]:
+    rng = random.Random(f"order:{seed}:{block}")
+    sym, row, col = (rng.sample(range(n), n) for _ in range(3))
+    return tuple(tuple(sym[(row[r] + col[p]) % n] for p in range(n)) for r in range(n))

@@ -21,11 +21,14 @@ VOTE_TOTALS = "vote_totals"  # sum of kept scores per response
 BEST_INDEX = "best_index"    # argmax of vote_totals, ties broken by a seeded RNG
 MARGIN = "margin"            # best reward minus the best other reward
 TIE = "tie"                  # whether the top total was shared
+CONFIDENCE = "confidence"    # posterior probability that more samples would not change best_index (null: n=1)
 N_SAMPLES = "n_samples"      # samples drawn (fewer than k when adaptive stopping saved some)
 N_VALID = "n_valid"          # samples whose scores parsed
 N_KEPT = "n_kept"            # samples that voted (top k_meta by meta score, or all valid)
 SAMPLES = "samples"          # every sample with its critique text: the audit trail
 ERROR = "error"              # why the row has no scores; null when fine
+CONTENT_KEY = "content_key"  # sha256 of the normalised item and the result-changing options (--reuse matches it)
+REUSED = "reused"            # the label was taken from a previous output (--reuse), not sampled in this run
 
 FORMATS = ("responses", "dpo", "hh")
 
@@ -44,15 +47,15 @@ SAMPLE_TYPE = pa.struct([
 
 NORMALIZED = pa.schema([
     (ID, pa.string()), (SOURCE, pa.string()), (MESSAGES, pa.list_(MESSAGE_TYPE)),
-    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()),
+    (RESPONSES, pa.list_(pa.string())), (LABEL, pa.int64()), (ERROR, pa.string()), (CONTENT_KEY, pa.string()),
 ])
 SAMPLED = pa.schema([(SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string())])
 VOTED = pa.schema([
     (REWARDS, pa.list_(pa.float64())), (VOTE_TOTALS, pa.list_(pa.float64())), (BEST_INDEX, pa.int64()),
-    (MARGIN, pa.float64()), (TIE, pa.bool_()), (N_SAMPLES, pa.int64()), (N_VALID, pa.int64()),
-    (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
+    (MARGIN, pa.float64()), (TIE, pa.bool_()), (CONFIDENCE, pa.float64()), (N_SAMPLES, pa.int64()),
+    (N_VALID, pa.int64()), (N_KEPT, pa.int64()), (SAMPLES, pa.list_(SAMPLE_TYPE)), (ERROR, pa.string()),
 ])
-OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names)]
+OUTPUT_FIELDS = [*NORMALIZED, *(f for f in VOTED if f.name not in NORMALIZED.names), pa.field(REUSED, pa.bool_())]
 
 
 class RowError(ValueError):
@@ -118,16 +121,52 @@ def _reply(value: Any, field: str) -> str:
     return _text(value, field, allow_empty=True)
 
 
-_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")  # a marker opens a turn only after a blank line
+_LAST = "\n\nAssistant:"
 
 
 def parse_transcript(text: str, field: str) -> list[dict[str, str]]:
-    """'\\n\\nHuman: hi\\n\\nAssistant: yo' -> [{user, hi}, {assistant, yo}]."""
+    """'\\n\\nHuman: hi\\n\\nAssistant: yo' -> [{user, hi}, {assistant, yo}].
+
+    A turn starts only at a marker after a blank line: an inline 'Human:' inside a turn is text. Text before
+    the first marker (none in the public data) is read as a user turn.
+    """
     parts = _TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
-        raise RowError(f"field '{field}' is not an HH-RLHF transcript (expected '\\n\\nHuman: ...' turns)")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+    turns = [{"role": "user", "content": parts[0]}] if parts[0].strip() else []
+    turns += [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+    if not turns:
+        raise RowError(f"field '{field}' is not an HH-RLHF transcript (expected '\\n\\nHuman: ...' turns)")
+    return turns
+
+
+def split_hh(text: str, field: str) -> tuple[str, str]:
+    """An HH-RLHF transcript as its users read it: (conversation, response) split at the LAST
+    '\\n\\nAssistant:' (the DPO paper's extract_anthropic_prompt), one space after the colon dropped.
+
+    >>> split_hh("\\n\\nHuman: hi\\n\\nAssistant: yo  Human: more", "chosen")
+    ('\\n\\nHuman: hi', 'yo  Human: more')
+    """
+    at = text.rfind(_LAST)
+    if at < 0:
+        raise RowError(f"field '{field}' is not an HH-RLHF transcript: it has no assistant turn "
+                       "('\\n\\nAssistant: ...') to score")
+    conversation, response = text[:at], text[at + len(_LAST):]
+    if not conversation.strip():
+        raise RowError(f"field '{field}' has nothing before its last assistant turn: no conversation to score")
+    return conversation, response.removeprefix(" ")
+
+
+def _hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Both transcripts must share the conversation before their last assistant turn; it is parsed once."""
+    (conv, good), (conv_r, bad) = split_hh(chosen, "chosen"), split_hh(rejected, "rejected")
+    if conv != conv_r:
+        at = next((i for i, (a, b) in enumerate(zip(conv, conv_r)) if a != b), min(len(conv), len(conv_r)))
+        raise RowError(
+            "fields 'chosen' and 'rejected' do not share the conversation before their last '\\n\\nAssistant:' "
+            f"turn: they differ at character {at} (...{conv[max(0, at - 20):at + 30]!r} vs "
+            f"...{conv_r[max(0, at - 20):at + 30]!r}), so there is no one prompt the two responses answer")
+    return parse_transcript(conv, "chosen"), [good, bad]
 
 
 def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, Any]:
@@ -155,14 +194,8 @@ def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, An
         messages = _messages(row.get("prompt"), "prompt")
         responses, label = [_reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected")], 0
     elif fmt == "hh":
-        chosen = parse_transcript(_text(row.get("chosen"), "chosen"), "chosen")
-        rejected = parse_transcript(_text(row.get("rejected"), "rejected"), "rejected")
-        for name, turns in (("chosen", chosen), ("rejected", rejected)):
-            if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
-                raise RowError(f"field '{name}' has no final assistant turn after a human turn")
-        if chosen[:-1] != rejected[:-1]:
-            raise RowError("fields 'chosen' and 'rejected' differ before their final assistant turns")
-        messages, responses, label = chosen[:-1], [chosen[-1]["content"], rejected[-1]["content"]], 0
+        messages, responses = _hh(_text(row.get("chosen"), "chosen"), _text(row.get("rejected"), "rejected"))
+        label = 0
     else:
         raise ValueError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
     if len(responses) > max_responses:

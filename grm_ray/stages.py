@@ -18,8 +18,9 @@ from . import prompts, voting
 from .config import JobConfig
 from .engines import RequestFailed
 from .parsing import parse_scores
-from .schema import (ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES, SOURCE,
-                     VOTED, RowError, normalize)
+from .reuse import content_key, options_digest
+from .schema import (CONTENT_KEY, ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES,
+                     SOURCE, VOTED, RowError, normalize)
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -71,6 +72,7 @@ class Normalize:
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        self.digest = options_digest(cfg.public())
 
     def __call__(self, table: pa.Table, file: str, rows: Sequence[int], fmt: str | None,
                  duplicate_ids: frozenset[str] = frozenset(), file_error: str | None = None) -> pa.Table:
@@ -79,7 +81,7 @@ class Normalize:
             source = f"{file}#{row}"
             given_id = raw.get(ID) if isinstance(raw, dict) else None
             item: Row = {ID: source if given_id is None else str(given_id), SOURCE: source,
-                         MESSAGES: None, RESPONSES: None, LABEL: None, ERROR: None}
+                         MESSAGES: None, RESPONSES: None, LABEL: None, ERROR: None, CONTENT_KEY: None}
             try:
                 if file_error:
                     raise RowError(file_error)
@@ -88,6 +90,7 @@ class Normalize:
                 if given_id is not None and str(given_id) in duplicate_ids:
                     raise RowError(f"field 'id': duplicate id {str(given_id)!r} (ids must be unique)")
                 item.update(normalize(raw, fmt, self.cfg.max_responses))
+                item[CONTENT_KEY] = content_key(item, self.digest)
             except RowError as e:
                 item[ERROR] = f"{file}, row {row}: {e}"
             out.append(item)
@@ -177,7 +180,7 @@ class GRMSampler:
         drawn = 0
         while True:
             count = min(size if drawn else first, cfg.k - drawn)
-            orders = prompts.orderings(n, count, start=drawn)
+            orders = prompts.orderings(n, count, seed=item_seed(cfg.seed, row[ID]), start=drawn)
             ids = self.engine.encode([self._prompt(row, order) for order, _ in orders])  # tokenised once
             if self._too_long(ids, out):
                 return
@@ -253,15 +256,16 @@ class GRMSampler:
         remaining = self.cfg.k - drawn
         if remaining <= 0:
             return True
-        return self._decided([s["scores"] for s in item[SAMPLES] if s["valid"]], remaining, rounds)
+        valid = [s for s in item[SAMPLES] if s["valid"]]
+        return self._decided([s["scores"] for s in valid], remaining, rounds, [s["order"] for s in valid])
 
-    def _decided(self, valid: list[list[int]], remaining: int, rounds: int) -> bool:
-        """The adaptive rule on the valid score rows so far, `remaining` samples still to come."""
+    def _decided(self, valid: list[list[int]], remaining: int, rounds: int, orders: list | None = None) -> bool:
+        """The adaptive rule on the valid score rows so far (shown in `orders`), `remaining` samples to come."""
         if not valid or len(valid[0]) < 2:
             return False
         if self.cfg.adaptive == "exact":
             return voting.decided_exact([sum(col) for col in zip(*valid)], remaining)
-        return voting.decided_confident(valid, remaining, self.cfg.risk, rounds)
+        return voting.decided_confident(valid, remaining, self.cfg.risk, orders)
 
 
 class MetaScorer:

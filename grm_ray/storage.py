@@ -1,8 +1,9 @@
 """Where rows come from and where they go: local paths or s3:// URIs, and the exactly-once commit.
 
 Output protocol: each scored batch is written to a hidden temporary name and then renamed to
-`part-<hash of its sources>.parquet`, so a file under a `part-` name is always complete. A rerun
-reads the `source` column of the committed parts and skips those rows; hidden leftovers are deleted.
+`part-<hash of its rows>.parquet`, so a file under a `part-` name is always complete. Each part records
+in its Parquet metadata which (file, row range)s it holds (plan.py reads those records to resume);
+hidden leftovers of interrupted writes are deleted.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -37,27 +38,27 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     return fsspec.core.url_to_fs(os.path.abspath(os.path.expanduser(uri)))
 
 
-def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return f"s3://{path}" if _is_s3(fs) else path
+def uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return f"s3://{path}" if is_s3(fs) else path
 
 
-def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
 @contextlib.contextmanager
-def _naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
+def naming(fs: fsspec.AbstractFileSystem, path: str, action: str) -> Iterator[None]:
     """Storage errors left after the filesystem's own retries name the object: 'cannot write s3://b/k: ...'."""
     try:
         yield
     except OSError as e:
         cls = next(c for c in (PermissionError, FileNotFoundError, OSError) if isinstance(e, c))
-        raise cls(f"cannot {action} {_uri(fs, path)}: {e}") from e
+        raise cls(f"cannot {action} {uri(fs, path)}: {e}") from e
 
 
 def make_output_dir(fs: fsspec.AbstractFileSystem, out_dir: str) -> None:
     """Create the output directory. On S3 the bucket must exist: creating one would hide a typo."""
-    if _is_s3(fs):
+    if is_s3(fs):
         bucket = out_dir.split("/", 1)[0]
         if not fs.exists(bucket):
             raise FileNotFoundError(f"output bucket s3://{bucket} does not exist (or these credentials cannot "
@@ -66,37 +67,66 @@ def make_output_dir(fs: fsspec.AbstractFileSystem, out_dir: str) -> None:
     fs.makedirs(out_dir, exist_ok=True)
 
 
-def _visible(path: str) -> bool:
-    return not posixpath.basename(path).startswith((".", "_"))
+def _hidden(rel: str) -> bool:
+    """Whether a path below the input root has a component starting with `_` or `.` (Spark's `_temporary/`,
+    `_delta_log/`, `.staging`, `_SUCCESS`)."""
+    return any(c.startswith((".", "_")) for c in rel.split("/"))
 
 
-def list_inputs(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """Input Parquet files of a file, directory (recursively) or glob, sorted; hidden files skipped."""
-    fs, path = filesystem(uri, endpoint_url)
-    if any(c in path for c in "*?["):
-        files = [p for p in fs.glob(path) if fs.isfile(p)]
+def _fixed_prefix(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard: 'b/prefs/dt=*/x.parquet' -> 'b/prefs'."""
+    parts = pattern.split("/")
+    fixed = next(i for i, c in enumerate(parts) if any(w in c for w in "*?["))
+    return "/".join(parts[:fixed])
+
+
+def list_inputs(uri_: str, endpoint_url: str | None = None
+                ) -> tuple[fsspec.AbstractFileSystem, str, list[dict[str, Any]]]:
+    """Input Parquet files of a file, directory (recursively) or glob: (fs, root, file infos sorted by name).
+
+    `root` is what row keys are relative to: the directory given, a glob's fixed prefix, or a single file's
+    directory. Below the root, paths with a hidden component (`_x`, `.x`) are skipped at every depth; a file
+    named explicitly is read whatever its name. Infos come from the listing itself (size, ETag / mtime).
+    """
+    fs, path = filesystem(uri_, endpoint_url)
+    path = path.rstrip("/")
+    parquet = lambda i: i["name"].endswith((".parquet", ".parq", ".pq"))  # noqa: E731
+    if any(c in path for c in "*?["):  # a match is a file, or a directory read recursively
+        root = _fixed_prefix(path)
+        found = [f for i in fs.glob(path, detail=True).values() for f in (
+            [i] if i.get("type") == "file" else filter(parquet, fs.find(i["name"], detail=True).values()))]
     elif fs.isdir(path):
-        files = [p for p in fs.find(path) if _visible(p) and p.endswith((".parquet", ".parq", ".pq"))]
+        root = path
+        found = list(filter(parquet, fs.find(path, detail=True).values()))
     elif fs.exists(path):
-        files = [path]
+        return fs, posixpath.dirname(path), [fs.info(path)]
     else:
-        raise FileNotFoundError(f"input {uri} does not exist")
+        raise FileNotFoundError(f"input {uri_} does not exist")
+    files = sorted((i for i in found if i.get("type") == "file"
+                    and not _hidden(posixpath.relpath(i["name"], root))), key=lambda i: i["name"])
     if not files:
-        raise FileNotFoundError(f"no Parquet files (*.parquet) found under {uri}")
-    return fs, sorted(files)
+        raise FileNotFoundError(f"no Parquet files (*.parquet) found under {uri_}")
+    return fs, root, files
 
 
-def part_name(sources: Iterable[str]) -> str:
-    """Deterministic name for a batch: a retried write of the same batch replaces, never duplicates."""
-    digest = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:24]
+def fingerprint(info: dict[str, Any]) -> str:
+    """'size:ETag' on S3, 'size:mtime' on a local disk: a rewritten file gets another one."""
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{str(stamp).strip(chr(34))}"
+
+
+def part_name(record: dict[bytes, bytes]) -> str:
+    """Deterministic name for a part from its row record: a retried write of the same rows replaces, never
+    duplicates."""
+    digest = hashlib.sha256(b"\n".join(v for _, v in sorted(record.items()))).hexdigest()[:24]
     return f"{PART_PREFIX}{digest}.parquet"
 
 
 def write_part(fs: fsspec.AbstractFileSystem, out_dir: str, table: pa.Table,
-               metadata: dict[str, str]) -> str:
-    """Write `table` atomically as a committed part: hidden temp name, then rename."""
-    final = posixpath.join(out_dir, part_name(table.column("source").to_pylist()))
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
+               metadata: dict[str, str], record: dict[bytes, bytes]) -> str:
+    """Write `table` atomically as a committed part carrying its row `record`: hidden temp name, then rename."""
+    final = posixpath.join(out_dir, part_name(record))
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **record, **{
         k.encode(): v.encode() for k, v in metadata.items()}})
     with _atomic(fs, final, "wb") as f:
         pq.write_table(table, f, compression="zstd")
@@ -108,7 +138,7 @@ def _atomic(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterator[Any
     """Write to a hidden `.tmp-*` name beside `path`, then rename: readers see the whole file or none, and
     `clean_temporaries` removes what an interrupted write left. Errors name `path`."""
     tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with _naming(fs, path, "write"):
+    with naming(fs, path, "write"):
         with fs.open(tmp, mode) as f:
             yield f
         fs.mv(tmp, path)
@@ -138,8 +168,8 @@ def clean_temporaries(fs: fsspec.AbstractFileSystem, out_dir: str) -> int:
     if not fs.exists(out_dir):
         return 0
     stale = [p for p in fs.ls(out_dir, detail=False) if posixpath.basename(p).startswith(".tmp-")]
-    for p in stale:
-        fs.rm(p)
+    if stale:
+        fs.rm(stale)  # one call: s3fs deletes in batches of 1000 keys
     return len(stale)
 
 
@@ -167,7 +197,11 @@ def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | N
 
 
 def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> str:
-    """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory."""
+    """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory.
+
+    An empty table is written as its schema with no row group: pyarrow writes one row group of 0 rows,
+    from which `datasets` takes a batch size of 0 and fails (ArrowInvalid: BatchSize must be greater than 0).
+    """
     fs, path = filesystem(uri, endpoint_url)
     if not path.endswith(".parquet"):
         fs.makedirs(path, exist_ok=True)
@@ -177,5 +211,8 @@ def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> s
         if parent:
             fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+        if table.num_rows:
+            pq.write_table(table, f)
+        else:
+            pq.ParquetWriter(f, table.schema).close()
     return path

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import random
+
+import numpy as np
 from typing import Any, Mapping, Sequence
 
 MAX_SWING = 9  # the most one sample can change (score_i - score_j)
@@ -48,13 +50,14 @@ def vote(samples: Sequence[Mapping[str, Any]], k_meta: int | None = None, seed: 
 
     rewards[i] = mean kept score of response i (1..10); vote_totals[i] = their sum; ties for the top are
     reported in `tie` and broken with random.Random(seed); margin = best reward minus the best other reward
-    (None for a single response). With no valid sample every result is None.
+    (None for a single response); confidence = the posterior probability that more samples would not change
+    the winner (see `confidence`; over the kept samples). With no valid sample every result is None.
     >>> vote([{"scores": [8, 3]}, {"scores": [6, 5]}])["rewards"]
     [7.0, 4.0]
     """
     kept = select_kept(samples, k_meta)
     result: dict[str, Any] = {
-        "rewards": None, "vote_totals": None, "best_index": None, "margin": None, "tie": None,
+        "rewards": None, "vote_totals": None, "best_index": None, "margin": None, "tie": None, "confidence": None,
         "n_samples": len(samples), "n_valid": sum(s.get("scores") is not None for s in samples),
         "n_kept": len(kept),
     }
@@ -73,6 +76,9 @@ def vote(samples: Sequence[Mapping[str, Any]], k_meta: int | None = None, seed: 
     result.update(
         rewards=rewards, vote_totals=totals, best_index=best, tie=len(leaders) > 1,
         margin=rewards[best] - max(others) if others else None,
+        confidence=confidence([samples[i]["scores"] for i in kept], best,
+                              [samples[i]["order"] for i in kept] if all(samples[i].get("order") for i in kept)
+                              else None),
     )
     return result
 
@@ -93,32 +99,79 @@ def decided_exact(totals: Sequence[float], remaining: int) -> bool:
     return remaining <= 0 or lead(totals) > MAX_SWING * remaining
 
 
-def decided_confident(score_rows: Sequence[Sequence[int]], remaining: int, risk: float,
-                      rounds: int) -> bool:
-    """Stop once the chance that the full-k winner differs is bounded by `risk`.
+# The posterior of the confident rule and of `confidence` (ours). Per-sample score differences
+# d = s_leader - s_rival are i.i.d. normal with unknown mean and variance; flat prior on the mean and a
+# scaled-inverse-chi2 prior on the variance worth PRIOR_DOF samples of variance PRIOR_VAR (a score-gap SD of 4
+# points), so that a few identical samples do not claim certainty. Chosen so that the rule keeps its risk on
+# a hard uniform-score mix (tests/unit/test_voting.py) and on the paper-fitted simulation (bench/RESULTS.md).
+PRIOR_VAR = 16.0
+PRIOR_DOF = 4.0
 
-    The bound (ours): treat per-sample score differences d = s_leader - s_j (range 18) as i.i.d. For each
-    rival j, Hoeffding on the m samples seen gives a lower bound mu_lo on E[d] at level r, and Hoeffding
-    on the `remaining` future samples bounds P(D_seen + sum(future d) <= 0) given mu >= mu_lo. r is
-    risk / (2 x rivals x rounds): a union bound over both steps, every rival and every check.
+
+def flip_probability(score_rows: Sequence[Sequence[float]], remaining: int | None = None,
+                     best: int | None = None, orders: Sequence[Sequence[int]] | None = None) -> float:
+    """Posterior probability that the leader `best` (default: the highest total) is not the winner after
+    `remaining` more samples (None: infinitely many, i.e. that its true mean score is not the highest).
+
+    Per rival j the posterior predictive of the future sum of d_j is Student-t (normal model above); a
+    flip is a final d-total <= 0 (a tie counts as a flip). Rivals are combined by a union bound, capped at 1.
+    With `orders` (each row's shown order), position bias is taken out: the samples of one rival are grouped
+    by where the leader and the rival were shown, the mean gap is the equal-weight mean of the group means
+    (the orders are balanced, GRM_SPEC section 4) and the variance is pooled within groups; future samples
+    are assumed balanced too.
+    >>> round(flip_probability([[8, 3], [7, 4], [9, 3], [8, 2]], remaining=28), 3)
+    0.006
     """
-    if remaining <= 0:
-        return True
-    m = len(score_rows)
-    if m == 0:
-        return False
-    n = len(score_rows[0])
-    totals = [sum(r[j] for r in score_rows) for j in range(n)]
-    if decided_exact(totals, remaining):
-        return True
-    best = max(range(n), key=lambda j: totals[j])
-    r = risk / (2 * max(1, n - 1) * max(1, rounds))
+    from scipy.special import stdtr
+
+    rows = np.asarray(score_rows, dtype=float)
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        return 1.0
+    m, n = rows.shape
+    if n < 2:
+        return 0.0
+    best = int(np.argmax(rows.sum(0))) if best is None else best
+    pos = np.argsort(np.asarray(orders), axis=1) if orders is not None else np.zeros((m, n), dtype=int)
+    total = 0.0
     for j in range(n):
         if j == best:
             continue
-        seen = totals[best] - totals[j]
-        mu_lo = seen / m - 18 * math.sqrt(math.log(1 / r) / (2 * m))
-        slack = seen + remaining * mu_lo
-        if slack <= 0 or math.exp(-2 * slack**2 / (remaining * 18**2)) > r:
-            return False
-    return True
+        d = rows[:, best] - rows[:, j]
+        _, group, sizes = np.unique(pos[:, best] * n + pos[:, j], return_inverse=True, return_counts=True)
+        means = np.bincount(group, weights=d) / sizes
+        mean = means.mean()
+        dof = PRIOR_DOF + m - len(sizes)
+        var = (PRIOR_DOF * PRIOR_VAR + ((d - means[group]) ** 2).sum()) / dof
+        var_mean = var * (1 / sizes).sum() / len(sizes) ** 2  # = var / m for one group
+        if remaining is None:
+            total += stdtr(dof, -mean / np.sqrt(var_mean))
+        elif remaining <= 0:
+            total += float(d.sum() <= 0)
+        else:
+            r = remaining
+            total += stdtr(dof, (0.5 - d.sum() - r * mean) / np.sqrt(var * r + r * r * var_mean))
+    return float(min(1.0, total))
+
+
+def confidence(score_rows: Sequence[Sequence[float]], best: int,
+               orders: Sequence[Sequence[int]] | None = None) -> float | None:
+    """Probability that more samples would not change the winner `best`: 1 - flip_probability(rows, None).
+
+    None for single responses (nothing to change) and items without a valid sample.
+    """
+    if not score_rows or len(score_rows[0]) < 2:
+        return None
+    return 1.0 - flip_probability(score_rows, None, best, orders)
+
+
+def decided_confident(score_rows: Sequence[Sequence[int]], remaining: int, risk: float,
+                      orders: Sequence[Sequence[int]] | None = None) -> bool:
+    """Stop once the posterior predictive chance that `remaining` more samples change the plain-vote
+    winner is at most `risk` (or the exact rule already stops)."""
+    if remaining <= 0:
+        return True
+    if not score_rows:
+        return False
+    if decided_exact([sum(col) for col in zip(*score_rows)], remaining):
+        return True
+    return flip_probability(score_rows, remaining, orders=orders) <= risk

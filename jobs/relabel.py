@@ -9,7 +9,9 @@ runs as a plain script with a local Ray.
 - `--date` is YYYY-MM-DD, `today` or `yesterday` (UTC), so a scheduler needs no shell date arithmetic.
 - Idempotent: a date whose OUTPUT/_job.json says `complete` is skipped (exit 0); `--force` rescores it from
   scratch. A run that died half way resumes where it stopped (grm-ray's exactly-once output).
-- Writes OUTPUT/_report.json: rows, error rows, generated tokens, samples per item, wall time.
+- `--reuse-last`: rows unchanged since the newest earlier date whose output is complete keep that date's
+  labels (grm-ray `--reuse`); only new or changed rows are scored.
+- Writes OUTPUT/_report.json: rows, reused rows, error rows, generated tokens, samples per item, wall time.
 Exit codes: 0 scored or skipped; 2 bad options, missing input or a failed job; 3 some input files unreadable.
 """
 from __future__ import annotations
@@ -49,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="Override one config key (YAML value), e.g. --set k=16; repeatable.")
     p.add_argument("--force", action="store_true", help="Rescore a date that is already complete (from scratch).")
+    p.add_argument("--reuse-last", action="store_true",
+                   help="Take unchanged rows' labels from the newest earlier complete date (grm-ray --reuse).")
     return p
 
 
@@ -78,21 +82,48 @@ def job_config(args: argparse.Namespace, date: str) -> JobConfig:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return load_config(args.config, **overrides, input=args.input.replace("{date}", date),
-                       output=args.output.replace("{date}", date), overwrite=True if args.force else None)
+    cfg = load_config(args.config, **overrides, input=args.input.replace("{date}", date),
+                      output=args.output.replace("{date}", date), overwrite=True if args.force else None)
+    if getattr(args, "reuse_last", False):
+        previous = last_complete(args.output, date, cfg.s3_endpoint_url)
+        log.info("reusing labels of %s", previous) if previous else log.info("no earlier complete date to reuse")
+        cfg.reuse = previous
+    return cfg
+
+
+def last_complete(template: str, date: str, endpoint_url: str | None = None) -> str | None:
+    """The output of the newest date before `date` whose _job.json says complete (one listing), or None.
+
+    'scored/dt={date}/' with dt=2025-03-10 complete, dt=2025-03-13 running, date 2025-03-14 -> 'scored/dt=2025-03-10/'
+    """
+    fs, pattern = storage.filesystem(template.replace("{date}", "*"), endpoint_url)
+    pattern = pattern.rstrip("/")
+    dated = re.compile(re.escape(pattern).replace(re.escape("*"), r"(\d{4}-\d{2}-\d{2})") + "$")
+    found = {}
+    for path in fs.glob(posixpath.join(pattern, storage.JOB_FILE)):
+        m = dated.match(posixpath.dirname(path))
+        if m and m.group(1) < date:
+            found[m.group(1)] = path
+    for day in sorted(found, reverse=True):
+        if (storage.read_json(fs, found[day]) or {}).get("status") == "complete":
+            return template.replace("{date}", day)
+    return None
 
 
 def report(date: str, cfg: JobConfig, status: str, summary: dict[str, Any] | None = None,
            started: float | None = None, error: str | None = None) -> dict[str, Any]:
-    """The run report; `samples_per_item` = GRM samples drawn per newly scored row (below k when adaptive)."""
+    """The run report; `samples_per_item` = GRM samples drawn per row sampled in this run (below k when
+    adaptive; reused rows drew none)."""
     s = summary or {}
     new_rows = s.get("new_rows", 0)
+    sampled = new_rows - s.get("reused_rows", 0)
     return {
         "date": date, "status": status, "input": cfg.input, "output": cfg.output,
-        "rows": s.get("rows", 0), "new_rows": new_rows, "error_rows": s.get("error_rows", 0),
+        "rows": s.get("rows", 0), "new_rows": new_rows, "reused_rows": s.get("reused_rows", 0),
+        "reused_from": cfg.reuse, "error_rows": s.get("error_rows", 0),
         "generated_tokens": s.get("generated_tokens", 0), "samples": s.get("samples", 0),
         "valid_samples": s.get("valid_samples", 0),
-        "samples_per_item": round(s.get("samples", 0) / new_rows, 3) if new_rows else 0.0,
+        "samples_per_item": round(s.get("samples", 0) / sampled, 3) if sampled else 0.0,
         "wall_seconds": s.get("wall_seconds", round(time.time() - started, 2) if started else None),
         "bad_files": s.get("bad_files", {}), "error": error,
         "model": cfg.model, "meta_mode": cfg.meta_mode, "meta_model": cfg.meta_model, "k": cfg.k,

@@ -20,6 +20,7 @@ RAY = next(re.search(r"==([\d.]+)", d).group(1) for d in PYPROJECT["project"]["d
            if d.startswith("ray["))
 PY = "py" + re.search(r">=(\d+)\.(\d+)", PYPROJECT["project"]["requires-python"]).expand(r"\1\2")
 SCHEDULING_CONFIG = REPO / "jobs" / "configs" / "deepseek-grm-27b.yaml"
+TRAIN_RECIPES = ("rft", "grpo", "meta-rm")
 
 
 def docs(name: str) -> list[dict]:
@@ -60,7 +61,8 @@ def test_dockerfile_base_image_and_layout():
 
 
 def test_every_kubernetes_image_is_this_version():
-    for name in ("raycluster.yaml", "rayjob-relabel.yaml", "raycronjob-relabel.yaml", "cronjob-relabel.yaml"):
+    for name in ("raycluster.yaml", "rayjob-relabel.yaml", "raycronjob-relabel.yaml", "cronjob-relabel.yaml",
+                 *(f"rayjob-train-{r}.yaml" for r in TRAIN_RECIPES)):
         images = re.findall(r"image:\s*(\S+)", (CLUSTER / name).read_text())
         for image in images:
             assert image.endswith(f":{VERSION}-ray{RAY}-gpu"), f"{name}: {image} is not grm-ray {VERSION} on Ray {RAY}"
@@ -131,3 +133,31 @@ def test_aws_cluster_launcher_config():
     cfg = load_config(SCHEDULING_CONFIG)
     assert sum(t["max_workers"] * t["resources"]["GPU"] for t in gpu_workers) >= \
         (cfg.grm_actors[1] + cfg.meta_actors[1]) * cfg.gpus_per_actor
+
+
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES)
+def test_rayjob_trains_each_spct_recipe_on_ray_train(recipe):
+    """`python -m grm_ray.cli train RECIPE DATA OUT --config C`: the CLI parses it, the config validates for the
+    recipe, it runs on Ray Train with S3 checkpoints, and the GPU pool can hold its workers."""
+    from grm_ray.cli import app
+    from grm_ray.train import load_train_config
+    from typer.main import get_command
+
+    job = kind(f"rayjob-train-{recipe}.yaml", "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == kind("raycluster.yaml", "RayCluster")["metadata"]["name"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:5] == ["python", "-m", "grm_ray.cli", "train", recipe]
+    command = get_command(app).commands["train"].commands[recipe]
+    params = command.make_context(recipe, argv[5:]).params  # click raises on an unknown option
+    config = params["config"]
+    assert str(config).startswith(APP_DIR + "/")
+    cfg = load_train_config(REPO / str(config)[len(APP_DIR) + 1:], recipe=recipe, data=params["data"],
+                            output=params["output"])
+    assert cfg.data.startswith("s3://") and cfg.output.startswith("s3://") and cfg.checkpoints.startswith("s3://")
+    assert cfg.workers >= 1 and cfg.gpus_per_worker >= 1 and cfg.max_failures >= 1
+    group = next(g for g in kind("raycluster.yaml", "RayCluster")["spec"]["workerGroupSpecs"]
+                 if int(containers(g["template"])[0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1)
+    gpus = int(containers(group["template"])[0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["maxReplicas"] * gpus >= cfg.workers * cfg.gpus_per_worker
+    assert ".[gpu,train]" in (CLUSTER / "Dockerfile").read_text()  # the image has TRL and PEFT

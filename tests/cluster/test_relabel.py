@@ -92,3 +92,19 @@ def test_relabel_once_then_skip(local_ray, models, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == parts
     assert (out / "_report.json").read_text() == before
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+
+
+def test_reuse_last_finds_the_newest_earlier_complete_date(tmp_path):
+    scored = tmp_path / "scored"
+    for day, status in (("2025-03-10", "complete"), ("2025-03-12", "complete"), ("2025-03-13", "running"),
+                        ("2025-03-14", "complete"), ("2025-03-15", "complete")):
+        (scored / f"dt={day}").mkdir(parents=True)
+        (scored / f"dt={day}" / "_job.json").write_text(json.dumps({"status": status, "config": {}}))
+    (scored / "dt=notadate").mkdir()
+    (scored / "dt=notadate" / "_job.json").write_text(json.dumps({"status": "complete"}))
+    template = str(scored / "dt={date}") + "/"
+    assert relabel.last_complete(template, DATE) == str(scored / "dt=2025-03-12") + "/"
+    assert relabel.last_complete(template, "2025-03-10") is None
+    args = relabel.parser().parse_args(args_for(tmp_path) + ["--reuse-last"])
+    assert relabel.job_config(args, DATE).reuse == str(scored / "dt=2025-03-12")
+    assert relabel.job_config(relabel.parser().parse_args(args_for(tmp_path)), DATE).reuse is None

@@ -45,9 +45,10 @@ def test_score_returns_output_columns(server):
     r = post(server, GOOD)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert set(out) >= {"rewards", "vote_totals", "best_index", "margin", "tie", "n_samples", "n_valid",
+    assert set(out) >= {"rewards", "vote_totals", "best_index", "margin", "tie", "confidence", "n_samples", "n_valid",
                         "n_kept", "samples", "error", "id", "k", "k_meta"}
     assert out["error"] is None and len(out["rewards"]) == 2 and out["best_index"] in (0, 1)
+    assert 0 <= out["confidence"] <= 1
     assert (out["k"], out["k_meta"], out["n_samples"], out["n_kept"]) == (4, 2, 4, 2)
     assert len(out["samples"]) == 4
     for s in out["samples"]:

@@ -28,9 +28,12 @@ def test_score_eval_plot_export(ray_local, tiny_cfg, tiny_models, tmp_path, hh_t
     res = cli.invoke(app, ["eval", cfg.output, "--json", "--plot", str(tmp_path / "curves.png")])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
-    assert report["rows"] == 8 and report["pairwise"]["n"] + report["errors"] == 8
-    assert set(report["curves"]["methods"]) == {"voting", "metarm"} and report["curves"]["ks"][-1] == 4
+    # a hinted run: its samples never count towards accuracy, and the report says so
+    assert report["rows"] == 8 and report["hinted"] + report["input_errors"] == 8
+    assert report["pairwise"] is None and report["curves"]["items"] == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = cli.invoke(app, ["eval", cfg.output, "--stability"])
+    assert res.exit_code == 0 and "HINTED RUN: " in res.stdout and "Stability (winner of the first j" in res.stdout
 
     from datasets import load_dataset
 

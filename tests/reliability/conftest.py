@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grm_ray.config import JobConfig
+from grm_ray.console import log_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # rel_util, rel_stages, faulty_s3
@@ -39,6 +40,7 @@ def cli_crash_run(s3_endpoint, tiny_models, hh_table, tmp_path_factory):
     Yields what the crash and secrets tests check, with every log the runs wrote."""
     base = tmp_path_factory.mktemp("cli-crash")
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    logs: list[Path] = []
     try:
         fs, _ = storage.filesystem("s3://x/y", s3_endpoint)
         name = uuid.uuid4().hex[:8]
@@ -47,6 +49,7 @@ def cli_crash_run(s3_endpoint, tiny_models, hh_table, tmp_path_factory):
         with fs.open(f"crash-in-{name}/prefs/hh.parquet", "wb") as f:
             pq.write_table(hh_table.slice(0, 40), f, row_group_size=4)
         inp, out = f"s3://crash-in-{name}/prefs/", f"s3://crash-out-{name}/scored/"
+        logs = [Path(log_path(out)), Path(log_path(f"s3://missing-{name}/scored/"))]  # the console's log files
         env = cli_env(AWS_ACCESS_KEY_ID="AKIARELIABILITYTEST", RAY_TMPDIR=str(ray_tmp), **SECRETS)
         args = job_args(inp, out, str(tiny_models["grm"]), s3_endpoint)
 
@@ -63,15 +66,18 @@ def cli_crash_run(s3_endpoint, tiny_models, hh_table, tmp_path_factory):
         rerun = Job(args, base, env, name="run2")
         rc = rerun.wait(900)
         seconds = time.monotonic() - t0
-        failing = Job(job_args(inp, f"s3://missing-{name}/scored/", str(tiny_models["grm"]), s3_endpoint),
-                      base, env, name="run3-fails")
+        missing = f"s3://missing-{name}/scored/"
+        failing = Job(job_args(inp, missing, str(tiny_models["grm"]), s3_endpoint), base, env, name="run3-fails")
         failing_rc = failing.wait(300)
         yield {"output": out, "endpoint": s3_endpoint, "fs": fs, "committed_at_kill": at_kill,
                "committed_at_kill_final": at_kill_final, "orphans": len(orphans),
                "leftover_pids": first.session_pids(), "rerun": rerun, "rerun_rc": rc, "rerun_seconds": seconds,
-               "failing": failing, "failing_rc": failing_rc, "ray_tmp": ray_tmp, "log_dir": base}
+               "failing": failing, "failing_rc": failing_rc, "ray_tmp": ray_tmp, "log_dir": base,
+               "log_files": logs}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        for f in logs:
+            f.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

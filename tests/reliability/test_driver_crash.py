@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grm_ray import storage
+from grm_ray import plan, storage
 from rel_util import Job, assert_exactly_once, assert_scored, cli_env, job_args, job_status, wait_for
 
 pytestmark = [pytest.mark.ray]
@@ -38,7 +38,9 @@ def check_parts_complete(out, rows_per_part: int) -> set[str]:
     for p in parts(out):
         table = pq.read_table(p)  # raises on a truncated file
         assert table.num_rows == rows_per_part, (p.name, table.num_rows)
-        assert p.name == storage.part_name(table.column("source").to_pylist())
+        meta = table.schema.metadata
+        assert meta[plan.RECORD_KEY] == plan.part_record(table.column("source").to_pylist(), {})[plan.RECORD_KEY]
+        assert p.name == storage.part_name({k: meta[k] for k in (plan.RECORD_KEY, plan.FINGERPRINT_KEY)})
         seen += table.column("source").to_pylist()
     assert len(seen) == len(set(seen)), "a row is in two parts"
     return set(seen)
@@ -138,3 +140,23 @@ def test_real_cli_sigkill_during_sampling_resumes(cli_crash_run):
           f"({run['orphans']} Ray processes still alive 5 s later, killed); "
           f"rerun exit 0 in {run['rerun_seconds']:.0f} s "
           f"scored {status['summary']['new_rows']} rows; 40/40 once")
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(1200)  # includes the cli_crash_run fixture
+def test_real_cli_console_is_readable(cli_crash_run):
+    """The resumed real run's console (not a TTY here): a few plain progress lines and the summary table;
+    Ray's and vLLM's output went to the log file instead (issue 14: 590 lines for 1,312 rows before)."""
+    run = cli_crash_run
+    err, out = run["rerun"].stderr, run["rerun"].stdout
+    log = run["log_files"][0].read_text(errors="replace")
+    lines = (err + out).splitlines()
+    assert run["rerun_rc"] == 0, err[-3000:]
+    assert f"resuming: {run['committed_at_kill_final']} of 40 rows already committed" in err
+    assert "rows 40/40 (100%)" in err and "rows in output    40" in err and str(run["log_files"][0]) in err
+    assert "\r" not in err and len(lines) <= 25, err
+    for noise in ("MapWorker", "INFO worker.py", "streaming_executor", "resolved config"):
+        assert noise not in err + out, noise
+    assert "MapWorker" in log and "resolved config" in log and "streaming_executor" in log
+    print(f"\nRESULT console (real CLI, resumed run): {len(lines)} console lines; log file "
+          f"{len(log.splitlines())} lines")

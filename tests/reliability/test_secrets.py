@@ -37,13 +37,15 @@ def tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.timeout(1200)  # includes the cli_crash_run fixture when this module runs first
 def test_s3_credentials_never_written(cli_crash_run):
     """Three real CLI runs (killed, resumed, failing before Ray starts) with AWS_SECRET_ACCESS_KEY and
-    AWS_SESSION_TOKEN set: driver stdout/stderr, the Ray session dirs (all logs), _job.json, every part file
+    AWS_SESSION_TOKEN set: driver stdout/stderr and log files, the Ray session dirs (all logs), _job.json, every part file
     and its Parquet metadata, and the failing run's error message."""
     run = cli_crash_run
     fs = run["fs"]
     out = run["output"][5:].rstrip("/")
     artefacts = {**tree(run["log_dir"]), **tree(run["ray_tmp"])}
     artefacts["_job.json"] = fs.cat(f"{out}/_job.json")
+    for f in run["log_files"]:  # the console's log files (Ray / vLLM output of the runs)
+        artefacts[str(f)] = f.read_bytes()
     for p in storage.committed_parts(fs, out):
         artefacts[p] = fs.cat(p)
         meta = pq.read_schema(fs.open(p, "rb")).metadata or {}

@@ -107,6 +107,23 @@ def test_k_meta_cannot_exceed_k(write):
     assert load_config(k=4, k_meta=4, meta_mode="judge").voting_k_meta == 4
 
 
+@pytest.mark.parametrize("adaptive", ["exact", "confident"])
+@pytest.mark.parametrize("mode", ["judge", "classifier"])
+def test_adaptive_with_a_meta_rm_is_refused_everywhere(write, adaptive, mode):
+    """Early stopping watches the plain vote; the meta-guided winner could change, so the combination is refused
+    by the one config: YAML, options (the CLI's and Serve's) alike, with what to do instead."""
+    with pytest.raises(ConfigError, match="use adaptive=off with a meta RM, or meta_mode=none"):
+        load_config(adaptive=adaptive, meta_mode=mode, meta_model="/m/metarm")
+    with pytest.raises(ConfigError, match="refused"):
+        load_config(write(f"adaptive: {adaptive}\nmeta_mode: {mode}\nmeta_model: /m\n"))
+    from grm_ray.serve import serve_command
+
+    with pytest.raises(ConfigError, match="refused"):
+        serve_command(None, adaptive=adaptive, meta_mode=mode, meta_model="/m/metarm")
+    assert load_config(adaptive=adaptive).adaptive == adaptive
+    assert load_config(meta_mode=mode, meta_model="/m").adaptive == "off"
+
+
 def test_classifier_needs_a_meta_model():
     with pytest.raises(ConfigError, match="meta_model"):
         load_config(meta_mode="classifier")

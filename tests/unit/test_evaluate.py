@@ -21,7 +21,7 @@ def scored(items, subset=False):
     """A scored table with the Arrow types of schema.py; rewards etc. come from voting.vote.
 
     An item: {"n": responses, "label": int|None, "samples": [smp...], "error": str|None, "subset": str,
-    "messages": [...]}.
+    "messages": [...], "unread": True for an input error (no responses)}.
     """
     rows = []
     for i, it in enumerate(items):
@@ -33,8 +33,9 @@ def scored(items, subset=False):
         result = vote(samples, seed=i) if samples and not error else {}
         row = {S.ID: f"r{i}", S.SOURCE: f"t.parquet#{i}",
                S.MESSAGES: it.get("messages", [{"role": "user", "content": f"q{i}"}]),
-               S.RESPONSES: [f"resp{i}-{j}" for j in range(n)], S.LABEL: it.get("label"),
-               **{k: result.get(k) for k in (S.REWARDS, S.VOTE_TOTALS, S.BEST_INDEX, S.MARGIN, S.TIE)},
+               S.RESPONSES: None if it.get("unread") else [f"resp{i}-{j}" for j in range(n)], S.LABEL: it.get("label"),
+               **{k: result.get(k) for k in (S.REWARDS, S.VOTE_TOTALS, S.BEST_INDEX, S.MARGIN, S.TIE,
+                                             S.CONFIDENCE)},
                S.N_SAMPLES: len(samples), S.N_VALID: result.get("n_valid", 0), S.N_KEPT: result.get("n_kept", 0),
                S.SAMPLES: samples or None, S.ERROR: error}
         if subset:
@@ -54,12 +55,13 @@ def test_pairwise_accuracy_ties_and_tie_break():
         one([3, 8], 0),                 # wrong
         one([5, 5], 1),                 # tie holding the label: 0 strict, 1/2 by tie-break
         one([9, 2], 1),                 # wrong
-        {"n": 2, "label": 0, "error": "boom"},
+        {"n": 2, "label": 0, "error": "boom", "unread": True},                    # input error: excluded
         one([7, 1], None),              # unlabelled
+        {"n": 2, "label": 0, "samples": [smp(None)], "error": "no valid sample"},  # counts: wrong / a tie
     ])
     r = evaluate(table)
-    assert (r["rows"], r["errors"], r["unlabelled"], r["unscored"]) == (6, 1, 1, 0)
-    assert r["pairwise"] == {"n": 4, "accuracy": 0.25, "tie_break_accuracy": 0.375, "ties": 1, "label_in_tie": 1}
+    assert (r["rows"], r["errors"], r["input_errors"], r["unlabelled"], r["unscored"]) == (7, 2, 1, 1, 1)
+    assert r["pairwise"] == {"n": 5, "accuracy": 0.2, "tie_break_accuracy": 0.4, "ties": 1, "label_in_tie": 1}
     assert r["best_of_n"] is None and r["auc"] is None
     json.dumps(r)
 
@@ -141,10 +143,17 @@ def test_invalid_share_and_position_bias():
     assert r["position_bias"] == {"samples": 4, "first_wins": 0.5, "no_bias": 0.5, "tied_top": 0.25}
 
 
-def test_unscored_row_counts_wrong():
-    table = scored([{"n": 2, "label": 0, "samples": [smp(None)]}, one([8, 3], 0)])
+def test_unscored_row_counts_wrong_or_as_a_tie():
+    """A row the model could not score (no valid sample, or a prompt too long: an error but responses read)
+    stays in every denominator: wrong under strict accuracy, a tie of all n under the random tie-break."""
+    table = scored([{"n": 2, "label": 0, "samples": [smp(None)], "error": "no valid sample"}, one([8, 3], 0),
+                    {"n": 3, "label": 0, "error": "prompt is 9000 tokens"}, one([8, 3, 1], 0)])
     r = evaluate(table)
-    assert r["unscored"] == 1 and r["pairwise"]["accuracy"] == 0.5
+    assert r["unscored"] == 2 and r["input_errors"] == 0
+    assert r["pairwise"]["accuracy"] == 0.5 and r["pairwise"]["tie_break_accuracy"] == 0.75
+    assert r["best_of_n"]["accuracy"] == 0.5 and r["best_of_n"]["tie_break_accuracy"] == pytest.approx(2 / 3)
+    assert scaling_curves(table, ks=[1])["methods"]["voting"]["mean"][0] == pytest.approx((0.5 + 1 + 1 / 3 + 1) / 4)
+    assert "labelled without a valid sample 2 (counted" in format_report(r)
 
 
 def test_curves_flat_when_every_sample_is_right():
@@ -185,7 +194,7 @@ def test_curves_use_all_samples_of_short_items_and_skip_others():
     items = [
         {"n": 2, "label": 0, "samples": [smp([8, 3])] * 4},
         {"n": 2, "label": 0, "samples": [smp([8, 3])] * 2},     # adaptive stop: fewer samples
-        {"n": 2, "label": 0, "error": "boom"},
+        {"n": 2, "label": 0, "error": "boom", "unread": True},
         {"n": 1, "label": 1, "samples": [smp([8])]},
         {"n": 2, "label": None, "samples": [smp([8, 3])]},
     ]
@@ -221,3 +230,132 @@ def test_report_on_unlabelled_table():
     r = evaluate(scored([one([8, 3], None)]))
     assert r["pairwise"] is None and r["curves"]["items"] == 0 and not math.isnan(r["invalid_share"])
     assert "no rows" in format_report(r)
+
+
+# ------------------------------------------------------------------ Reward Bench against its own package
+
+
+def _rewardbench():
+    """RewardBench 0.1.4's constants and calculate_scores_per_section, loaded from the installed package's files
+    (its __init__ imports torch, fastchat, trl...; the scoring function and constants import nothing)."""
+    import ast
+    import importlib.metadata
+    import runpy
+
+    try:
+        dist = importlib.metadata.distribution("rewardbench")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("rewardbench is not installed: pip install --no-deps rewardbench==0.1.4 (make setup does)")
+    assert dist.version == "0.1.4"
+    constants = runpy.run_path(str(dist.locate_file("rewardbench/constants.py")))
+    source = dist.locate_file("rewardbench/utils.py").read_text()
+    fn = next(n for n in ast.parse(source).body
+              if isinstance(n, ast.FunctionDef) and n.name == "calculate_scores_per_section")
+    scope: dict = {}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "rewardbench/utils.py", "exec"), scope)
+    return constants["EXAMPLE_COUNTS"], constants["SUBSET_MAPPING"], scope["calculate_scores_per_section"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reward_bench_equals_rewardbench_scoring(seed):
+    """Random per-row results over every Reward Bench subset (wins, losses, ties, rows without a valid sample):
+    our sections and score equal RewardBench's calculate_scores_per_section with its EXAMPLE_COUNTS and
+    SUBSET_MAPPING on the same per-row results (1 win, 0 loss, 1/2 tie, as its generative scoring counts)."""
+    import random
+
+    counts, mapping, calculate = _rewardbench()
+    rng = random.Random(seed)
+    items, results = [], {}
+    for section, subsets in mapping.items():
+        for sub in subsets:
+            for _ in range(rng.randint(1, 6)):
+                kind = rng.choice(["win", "win", "loss", "tie", "unscored"])
+                scores = {"win": [8, 3], "loss": [3, 8], "tie": [5, 5], "unscored": None}[kind]
+                items.append({"n": 2, "label": 0, "samples": [smp(scores)], "subset": sub,
+                              **({"error": "no valid sample"} if kind == "unscored" else {})})
+                results.setdefault(sub, []).append({"win": 1.0, "loss": 0.0}.get(kind, 0.5))
+    metrics = {sub: sum(v) / len(v) for sub, v in results.items()}
+    expected = calculate(counts, mapping, metrics)
+    r = evaluate(scored(items, subset=True))
+    assert r["sections"] == pytest.approx(expected, abs=1e-12)
+    assert r["reward_bench"] == pytest.approx(sum(expected.values()) / len(expected), abs=1e-12)
+
+
+def test_hinted_rows_never_count_and_the_report_says_so():
+    items = [{"n": 2, "label": 0, "samples": [smp([9, 1], hinted=True)] * 2}] * 3 + [one([3, 8], 0)]
+    r = evaluate(scored(items))
+    assert r["hinted"] == 3 and r["pairwise"]["n"] == 1 and r["pairwise"]["accuracy"] == 0.0
+    assert r["curves"]["items"] == 1
+    assert "HINTED RUN: 3 labelled rows" in format_report(r)
+    only_hinted = evaluate(scored(items[:3]))
+    assert only_hinted["pairwise"] is None and "HINTED RUN" in format_report(only_hinted)
+
+
+def _normal_items(count, k, seed, bias=0.0):
+    """Pairs whose samples follow the posterior's own model (a per-item gap, normal per-sample noise), shown
+    in the orders the sampler draws for row ids r0, r1, ... (seed 0), the response shown first scoring `bias`
+    more: a position effect the balanced orders cancel."""
+    import random
+
+    from grm_ray.prompts import sample_order
+    from grm_ray.stages import item_seed
+
+    rng = random.Random(seed)
+    items = []
+    for i in range(count):
+        gap = rng.gauss(0, 1.5)
+        samples = []
+        for t in range(k):
+            order = list(sample_order(2, item_seed(0, f"r{i}"), t))
+            mean = [5 + gap / 2 + bias * (order[0] == 0), 5 - gap / 2 + bias * (order[0] == 1)]
+            samples.append(smp([round(x + rng.gauss(0, 2)) for x in mean], order=order))
+        items.append({"n": 2, "label": 0 if gap > 0 else 1, "samples": samples})
+    return items
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_stability_is_calibrated_and_reported(tmp_path, bias):
+    from grm_ray.evaluate import format_reliability, plot_reliability, stability
+
+    table = scored(_normal_items(300, 16, seed=5, bias=bias))
+    st_ = stability(table)
+    assert st_["n"] == 300 * 3 and set(st_["by_j"]) == {"2", "4", "8"} and st_["skipped"] == 0
+    assert sum(b["n"] for b in st_["bins"]) == st_["n"]
+    assert st_["ece"] < 0.06, st_  # predicted agreement matches observed agreement, position effect or not
+    # agreement grows with j and the prediction follows it
+    obs = [st_["by_j"][j]["observed"] for j in ("2", "4", "8")]
+    assert obs == sorted(obs) and abs(st_["by_j"]["8"]["predicted"] - obs[-1]) < 0.05
+    text = format_reliability("Stability", st_)
+    assert "expected calibration error" in text and "by j: j=2" in text
+    png = tmp_path / "rel.png"
+    plot_reliability({"stability": st_}, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # rows whose orders are not the seed's (another seed, an older run) are skipped, not mis-replayed
+    assert stability(scored([{"n": 2, "label": 0, "samples": [smp([9, 2])] * 8}] * 3))["skipped"] == 3
+
+
+def test_confidence_against_labels():
+    r = evaluate(scored(_normal_items(300, 6, seed=9)))
+    rel = r["confidence_vs_labels"]
+    assert rel["n"] == 300 and 0 <= rel["ece"] < 0.08
+    assert "Confidence against labels" in format_report(r)
+
+
+def test_paper_table_from_one_stored_run():
+    from grm_ray.evaluate import format_paper_table, paper_table
+
+    subs = ["alpacaeval-easy", "llmbar-natural", "donotanswer", "math-prm"]
+    items = [{"n": 2, "label": 0, "subset": sub,
+              "samples": [smp([8, 3], meta=1.0)] * 20 + [smp([3, 8], meta=-1.0)] * 12} for sub in subs]
+    t = paper_table(scored(items, subset=True), seeds=3)
+    assert t["k"] == 32 and [(r["method"], r["j"]) for r in t["rows"]] == [
+        ("voting", 1), ("voting", 8), ("voting", 32), ("metarm", 8), ("metarm", 32)]
+    by = {(r["method"], r["j"]): r for r in t["rows"]}
+    assert by["voting", 32]["reward_bench"] == 1.0 and by["metarm", 32]["reward_bench"] == 1.0
+    assert 0.4 < by["voting", 1]["reward_bench"] < 0.85 and set(by["voting", 1]["sections"]) == set(
+        ("Chat", "Chat Hard", "Safety", "Reasoning"))
+    assert by["metarm", 8]["paper_reward_bench"] == 89.8 and by["voting", 1]["paper_reward_bench"] == 85.2
+    text = format_paper_table(t)
+    assert "| MetaRM@32 |" in text and "90.4" in text and "Chat Hard" in text
+    with pytest.raises(ValueError, match="subset"):
+        paper_table(scored([one([8, 3], 0)]))

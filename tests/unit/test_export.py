@@ -99,18 +99,65 @@ def test_best_of_n():
     assert conv["completion"] == [{"role": "assistant", "content": "resp0-0"}]
 
 
-@pytest.mark.parametrize("mode", ["dpo", "dpo-conversational", "best-of-n", "rft", "meta"])
+# TRL's columns per command: DPOTrainer (prompt, chosen, rejected), SFTTrainer prompt-completion,
+# and a sequence-classification trainer's (text, label) for the meta RM.
+EXPORTS = {
+    "dpo": (["export-dpo"], {"prompt", "chosen", "rejected"}),
+    "dpo-conversational": (["export-dpo", "--format", "conversational"], {"prompt", "chosen", "rejected"}),
+    "best-of-n": (["export-dpo", "--mode", "best-of-n"], {"prompt", "completion"}),
+    "rft": (["export-rft"], {"prompt", "completion"}),
+    "rft-conversational": (["export-rft", "--format", "conversational"], {"prompt", "completion"}),
+    "meta": (["export-meta"], {"messages", "text", "label"}),
+}
+# Scored tables each export takes nothing from, and a reason it must give: errors, ties, single responses
+# (pairs); too easy (rft); unlabelled (rft, meta).
+_ERR, _TIE, _ONE = ({"n": 2, "label": 0, "error": "boom"}, {"n": 2, "label": 0, "samples": [smp([5, 5])]},
+                    {"n": 1, "label": 1, "samples": [smp([3])]})
+_EASY, _UNLABELLED = {"n": 2, "label": 0, "samples": [smp([8, 3])]}, {"n": 2, "label": None, "samples": [smp([8, 3])]}
+NOTHING = {"dpo": ([_ERR, _TIE, _ONE], "1 ties for the top"), "best-of-n": ([_ERR, _TIE, _ONE], "1 single-response rows"),
+           "rft": ([_ERR, _EASY, _UNLABELLED], "1 too easy"), "meta": ([_ERR, _UNLABELLED], "1 unlabelled rows")}
+
+def _cli_export(tmp_path, mode, items):
+    from typer.testing import CliRunner
+
+    from grm_ray.cli import app
+
+    pq.write_table(scored(items), tmp_path / "scored.parquet")
+    args, trl = EXPORTS[mode]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "scored.parquet"), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    return res, tmp_path / "out" / "data.parquet", trl
+
+
+@pytest.mark.parametrize("mode", sorted(EXPORTS))
 def test_exports_load_with_datasets(tmp_path, mode):
     datasets = pytest.importorskip("datasets")
-    table = scored(pair_items() + rft_items())
-    t = {"dpo": lambda: export_dpo(table), "dpo-conversational": lambda: export_dpo(table, fmt="conversational"),
-         "best-of-n": lambda: export_best_of_n(table), "rft": lambda: export_rft(table),
-         "meta": lambda: export_meta(table)}[mode]()
-    path = tmp_path / "out.parquet"
-    pq.write_table(t, path)
+    res, path, trl = _cli_export(tmp_path, mode, pair_items() + rft_items())
     ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
-    assert ds.column_names == t.column_names and len(ds) == t.num_rows > 0
+    t = pq.read_table(path)
+    assert trl <= set(ds.column_names) and ds.column_names == t.column_names and len(ds) == t.num_rows > 0
     assert ds[0] == t.to_pylist()[0]
+    assert f"wrote {t.num_rows} rows" in res.stdout
+    assert "skipped: " in res.stderr  # e.g. "skipped: 2 row errors, 1 ties for the top, ..."
+
+
+@pytest.mark.parametrize("mode", sorted(EXPORTS))
+def test_empty_exports_have_the_columns_say_why_and_load(tmp_path, mode):
+    datasets = pytest.importorskip("datasets")
+    items, reason = NOTHING[mode.split("-conv")[0]]
+    res, path, trl = _cli_export(tmp_path, mode, items)
+    assert "wrote 0 rows" in res.stdout
+    assert "export is empty" in res.stderr and f"of {len(items)} scored rows" in res.stderr
+    assert reason in res.stderr and "1 row errors" in res.stderr
+    assert trl <= set(pq.read_schema(path).names)
+    # the regression: an empty row group made datasets fail with "ArrowInvalid: BatchSize must be greater than 0"
+    stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+    assert trl <= set(stream.features) and list(stream) == []
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "c"))
+        assert len(ds) == 0 and trl <= set(ds.column_names)
+    except ValueError as e:  # datasets <= 5.2 refuses every empty split, whatever the file (datasets PR #8401)
+        assert "corresponds to no data" in str(e)
 
 
 def test_rule_reward():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from grm_ray import prompts
 from grm_ray.prompts import (META_PREFIX, apply_chat_template, format_conversation, meta_messages, orderings,
-                             render_grm_prompt)
+                             render_grm_prompt, sample_order)
 
 MARKERS = ["#### Evaluation Criteria ####", "#### Conversation Context ####",
            "#### Responses to be Scored ####", "#### Output Format Requirements ####"]
@@ -191,18 +191,6 @@ def test_gemma_fallback(bare_tokenizer):
 # --------------------------------------------------------------------------- balanced orderings
 
 
-def test_orderings_hand_cases():
-    assert orderings(2, 4) == [([0, 1], 2), ([1, 0], 2)]
-    assert orderings(2, 8) == [([0, 1], 4), ([1, 0], 4)]
-    assert orderings(3, 4) == [([0, 1, 2], 2), ([1, 2, 0], 1), ([2, 0, 1], 1)]
-    assert orderings(3, 6) == [([0, 1, 2], 2), ([1, 2, 0], 2), ([2, 0, 1], 2)]
-    assert orderings(1, 5) == [([0], 5)]
-    assert orderings(2, 1) == [([0, 1], 1)]
-    assert orderings(2, 1, start=1) == [([1, 0], 1)]
-    assert orderings(3, 2, start=2) == [([2, 0, 1], 1), ([0, 1, 2], 1)]
-    assert orderings(0, 4) == [] and orderings(3, 0) == []
-
-
 def _counts(result):
     c = collections.Counter()
     for order, count in result:
@@ -210,35 +198,82 @@ def _counts(result):
     return c
 
 
+def test_orderings_hand_cases():
+    assert _counts(orderings(2, 4, seed=3)) == {(0, 1): 2, (1, 0): 2}
+    assert _counts(orderings(1, 5, seed=3)) == {(0,): 5}
+    assert orderings(0, 4, seed=3) == [] and orderings(3, 0, seed=3) == []
+    # one request per distinct order (prefix sharing): 32 pair samples are two requests of 16
+    assert sorted(c for _, c in orderings(2, 32, seed=11)) == [16, 16]
+    # sample t's order is a function of (seed, t) alone
+    assert orderings(3, 1, seed=5, start=4) == [(list(sample_order(3, 5, 4)), 1)]
+
+
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 9), k=st.integers(1, 40), start=st.integers(0, 30))
-def test_orderings_are_balanced_rotations(n, k, start):
-    result = orderings(n, k, start)
-    assert sum(c for _, c in result) == k
-    assert all(c >= 1 for _, c in result)
-    rotations = {tuple((r + i) % n for i in range(n)) for r in range(n)}
+@given(n=st.integers(1, 9), k=st.integers(1, 40), start=st.integers(0, 30), seed=st.integers(0, 2**32 - 1))
+def test_orderings_are_balanced_permutations(n, k, start, seed):
+    result = orderings(n, k, seed=seed, start=start)
+    assert sum(c for _, c in result) == k and all(c >= 1 for _, c in result)
     orders = [tuple(o) for o, _ in result]
     assert len(set(orders)) == len(orders)  # each order sent once (prefix caching)
-    assert set(orders) <= rotations
-    counts = [c for _, c in result]
-    assert max(counts) - min(counts) <= 1  # as balanced as k allows
-    if k % n == 0:
-        # every response in every position equally often
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    if start % n == 0:
+        # whole blocks put every response in every position equally often; a partial block at most once more
         for pos in range(n):
             seen = collections.Counter()
             for order, c in result:
                 seen[order[pos]] += c
-            assert seen == {j: k // n for j in range(n)}
+            assert all(k // n <= seen[j] <= -(-k // n) for j in range(n))
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 6), a=st.integers(1, 20), b=st.integers(1, 20))
-def test_start_continues_the_cycle(n, a, b):
-    # two adaptive rounds (a then b samples) draw the same orders as one round of a + b
-    assert _counts(orderings(n, a, 0)) + _counts(orderings(n, b, start=a)) == _counts(orderings(n, a + b, 0))
+@given(n=st.integers(1, 6), a=st.integers(1, 20), b=st.integers(1, 20), seed=st.integers(0, 10**6))
+def test_start_continues_the_draw(n, a, b, seed):
+    # two adaptive rounds (a then b samples) draw the same orders as one round of a + b (rerun, resume)
+    assert (_counts(orderings(n, a, seed)) + _counts(orderings(n, b, seed, start=a))
+            == _counts(orderings(n, a + b, seed)))
 
 
 @settings(max_examples=50, deadline=None)
-@given(k=st.integers(1, 20).map(lambda x: 2 * x))
-def test_pairs_both_orders_half_each(k):
-    assert _counts(orderings(2, k)) == {(0, 1): k // 2, (1, 0): k // 2}
+@given(k=st.integers(1, 20).map(lambda x: 2 * x), seed=st.integers(0, 10**6))
+def test_pairs_both_orders_half_each(k, seed):
+    assert _counts(orderings(2, k, seed)) == {(0, 1): k // 2, (1, 0): k // 2}
+
+
+def _item_seeds(items):
+    from grm_ray.stages import item_seed
+
+    return [item_seed(0, f"row-{i}") for i in range(items)]
+
+
+@pytest.mark.parametrize("n,k", [(2, 1), (2, 3), (2, 7), (3, 1), (3, 4), (4, 5), (5, 8)])
+def test_no_position_advantage_over_many_items(n, k):
+    """Over 4000 items, the labelled best (input position 0) sits in each shown position ~1/n of the time,
+    also with k=1 and an odd k, where a fixed first order would always favour the input order."""
+    first = collections.Counter()
+    total = 0
+    for seed in _item_seeds(4000):
+        for order, c in orderings(n, k, seed):
+            first[order.index(0)] += c
+            total += c
+    for pos in range(n):
+        assert abs(first[pos] / total - 1 / n) < 0.03, (pos, first)
+
+
+@pytest.mark.parametrize("n,k", [(3, 6), (4, 8), (5, 10)])
+def test_neighbours_vary(n, k):
+    """Not rotations: across an item's samples each response has several different right-hand neighbours, and
+    over many items every ordered pair of neighbours occurs about equally often."""
+    pairs = collections.Counter()
+    many = 0
+    seeds = _item_seeds(2000)
+    for seed in seeds:
+        per_item = collections.defaultdict(set)
+        for order, c in orderings(n, k, seed):
+            for a, b in zip(order, order[1:]):
+                per_item[a].add(b)
+                pairs[a, b] += c
+        many += sum(len(v) for v in per_item.values()) > n - 1  # rotations give exactly one neighbour each
+    assert many / len(seeds) > 0.9
+    expected = len(seeds) * k * (n - 1) / (n * (n - 1))
+    assert len(pairs) == n * (n - 1)
+    assert all(abs(c / expected - 1) < 0.1 for c in pairs.values()), pairs

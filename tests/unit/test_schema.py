@@ -220,21 +220,21 @@ def test_dpo_errors_name_the_field(row, field):
 
 
 @pytest.mark.parametrize("row, expect", [
-    # no final assistant turn
+    # no assistant turn at all, or nothing before it
     ({"chosen": hh(("user", "hi")), "rejected": hh(("user", "hi"), ("assistant", "b"))},
-     ["'chosen'", "assistant"]),
+     ["'chosen'", "assistant turn"]),
     ({"chosen": hh(("user", "hi"), ("assistant", "a")), "rejected": hh(("assistant", "b"))},
-     ["'rejected'", "assistant"]),
+     ["'rejected'", "nothing before its last assistant turn"]),
     # not a transcript at all
     ({"chosen": "hi there", "rejected": hh(("user", "hi"), ("assistant", "b"))}, ["'chosen'", "HH-RLHF"]),
     ({"chosen": "", "rejected": hh(("user", "hi"), ("assistant", "b"))}, ["'chosen'"]),
     ({"chosen": None, "rejected": hh(("user", "hi"), ("assistant", "b"))}, ["'chosen'"]),
-    # the transcripts differ before the last turn
+    # the transcripts differ before the last assistant turn
     ({"chosen": hh(("user", "hi"), ("assistant", "a")), "rejected": hh(("user", "ho"), ("assistant", "b"))},
-     ["'chosen'", "'rejected'", "differ"]),
+     ["'chosen'", "'rejected'", "do not share the conversation", "character 10", "Human: hi'", "Human: ho'"]),
     ({"chosen": hh(("user", "x"), ("assistant", "y"), ("user", "z"), ("assistant", "a")),
       "rejected": hh(("user", "x"), ("assistant", "Y"), ("user", "z"), ("assistant", "b"))},
-     ["differ"]),
+     ["'chosen' and 'rejected' do not share the conversation"]),
 ])
 def test_hh_errors_name_the_field(row, expect):
     msg = _error(row, "hh")
@@ -242,11 +242,58 @@ def test_hh_errors_name_the_field(row, expect):
         assert part in msg
 
 
-def test_hh_final_assistant_turn_must_follow_a_human_turn():
+def test_hh_response_is_the_text_after_the_last_assistant_marker():
+    # consecutive assistant turns: the conversation ends with one, the responses are the last ones
     row = {"chosen": hh(("user", "x"), ("assistant", "a"), ("assistant", "a2")),
            "rejected": hh(("user", "x"), ("assistant", "a"), ("assistant", "b"))}
-    msg = _error(row, "hh")
-    assert "'chosen'" in msg
+    out = normalize(row, "hh", 16)
+    assert out["messages"] == [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}]
+    assert out["responses"] == ["a2", "b"]
+
+
+def test_hh_inline_human_marker_is_text():
+    # the shape of the rows the old parser refused: an inline '  Human:' (no blank line) inside a turn
+    conv = hh(("user", "Hi"), ("assistant", "Hello.  Human: and then?  Assistant: more"), ("user", "Go on"))
+    row = {"chosen": conv + "\n\nAssistant: Sure.  Human: thanks", "rejected": conv + "\n\nAssistant: No."}
+    out = normalize(row, "hh", 16)
+    assert out["messages"] == [{"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello.  Human: and then?  Assistant: more"},
+                               {"role": "user", "content": "Go on"}]
+    assert out["responses"] == ["Sure.  Human: thanks", "No."]
+    # the same inline marker in only one transcript's earlier turn: a shared-conversation error, both named
+    bad = {"chosen": row["chosen"], "rejected": row["rejected"].replace("Hello.  Human:", "Hello.")}
+    msg = _error(bad, "hh")
+    assert "'chosen' and 'rejected' do not share the conversation" in msg and "no final" not in msg
+
+
+@pytest.mark.parametrize("chosen, rejected, messages, responses", [
+    # an empty response is a legitimate (bad) answer; a missing space after the colon is fine
+    (hh(("user", "q"), ("assistant", "a")), "\n\nHuman: q\n\nAssistant:", [("user", "q")], ["a", ""]),
+    # a transcript that starts without its blank line, and a response holding a blank line and markers' words
+    ("Human: q\n\nAssistant: a\n\nsecond paragraph", "Human: q\n\nAssistant: Human: b",
+     [("user", "q")], ["a\n\nsecond paragraph", "Human: b"]),
+    # a response that holds a '\n\nHuman:' turn: the response is only what follows the LAST assistant marker
+    (hh(("user", "q"), ("assistant", "a"), ("user", "more")) + "\n\nAssistant: c",
+     hh(("user", "q"), ("assistant", "a"), ("user", "more")) + "\n\nAssistant: r",
+     [("user", "q"), ("assistant", "a"), ("user", "more")], ["c", "r"]),
+])
+def test_hh_edge_cases_are_scored(chosen, rejected, messages, responses):
+    out = normalize({"chosen": chosen, "rejected": rejected}, "hh", 16)
+    assert out["messages"] == [{"role": r, "content": c} for r, c in messages]
+    assert out["responses"] == responses and out["label"] == 0
+
+
+def test_real_hh_rows_with_inline_markers_and_diverging_prefixes():
+    """Real rows, edited as the refused public rows look: an inline marker in both (scored) or one (error)."""
+    row = _hh_rows()[0]
+    first = row["chosen"].index("\n\nAssistant:")
+    inline = {k: v[:first] + "  Human: really?" + v[first:] for k, v in row.items()}
+    out = normalize(inline, "hh", 16)
+    assert out["messages"][0]["content"].endswith("  Human: really?")
+    assert out["responses"] == normalize(row, "hh", 16)["responses"]
+    diverged = {"chosen": inline["chosen"], "rejected": row["rejected"]}
+    msg = _error(diverged, "hh")
+    assert "'chosen' and 'rejected'" in msg and f"character {first}" in msg
 
 
 def test_unknown_format_is_a_programming_error():

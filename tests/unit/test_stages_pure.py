@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grm_ray import schema as S
+from grm_ray import voting
 from grm_ray.config import JobConfig
 from grm_ray.parsing import last_box
 from grm_ray.prompts import orderings, render_grm_prompt
@@ -178,10 +179,12 @@ def test_vote_stage_through_apply():
     assert (ok["n_samples"], ok["n_valid"], ok["n_kept"]) == (3, 2, 2)
     assert [s["kept"] for s in ok["samples"]] == [True, True, False]
     assert ok["error"] is None
+    assert ok["confidence"] == pytest.approx(voting.confidence([[8, 3], [6, 5]], 0, [[0, 1], [1, 0]])) and 0.5 < ok["confidence"] < 1
+    assert none["confidence"] is None
 
     # a row with an error passes through with null scores and its error
     assert bad["error"] == "f.parquet, row 1: field 'responses' is empty"
-    for key in ("rewards", "vote_totals", "best_index", "margin", "tie", "samples"):
+    for key in ("rewards", "vote_totals", "best_index", "margin", "tie", "confidence", "samples"):
         assert bad[key] is None
     assert (bad["n_samples"], bad["n_valid"], bad["n_kept"]) == (0, 0, 0)
 
@@ -349,9 +352,11 @@ def test_sampler_scores_land_on_the_original_responses():
     out = GRMSampler(cfg(k=8), engine)(rows)
     assert len(engine.calls) == 3  # adaptive off: one engine call per item
     ns, n_resp = (sum((c[i] for c in engine.calls), []) for i in (1, 2))
-    # one request per ordering with n = its share of k
-    assert ns == [c for _, c in orderings(2, 8)] + [c for _, c in orderings(4, 8)] + [8]
-    assert n_resp == [2, 2, 4, 4, 4, 4, 1]
+    # one request per ordering with n = its share of k; orders drawn from each item's seed
+    drawn = [orderings(len(r[S.RESPONSES]), 8, seed=item_seed(0, r[S.ID])) for r in rows]
+    assert ns == [c for d in drawn for _, c in d]
+    assert n_resp == [len(o) for d in drawn for o, _ in d]
+    assert [c for _, c in drawn[0]] == [4, 4] and drawn[2] == [([0], 8)]
 
     expected = {"pair": [2, 9], "list": [2, 2, 9, 2], "one": [9]}
     for row, res in zip(rows, out):
@@ -359,7 +364,7 @@ def test_sampler_scores_land_on_the_original_responses():
         assert res[S.ERROR] is None and len(samples) == 8
         n = len(row[S.RESPONSES])
         assert collections.Counter(tuple(s["order"]) for s in samples) == \
-            {tuple(o): c for o, c in orderings(n, 8)}
+            {tuple(o): c for o, c in orderings(n, 8, seed=item_seed(0, row[S.ID]))}
         for s in samples:
             assert s["valid"] is True and s["repaired"] is False and s["hinted"] is False
             assert s["scores"] == expected[row[S.ID]]  # un-shuffled to the original indices
@@ -467,7 +472,26 @@ def test_adaptive_rounds_continue_the_balanced_cycle():
     out = GRMSampler(cfg(k=7, adaptive="exact"), engine)([item("r", ["a", "b", "c"])])[0][S.SAMPLES]
     assert len(out) == 7
     assert [sum(ns) for _, ns, _ in engine.calls] == [6, 1]
-    assert collections.Counter(tuple(s["order"]) for s in out) == {tuple(o): c for o, c in orderings(3, 7)}
+    assert collections.Counter(tuple(s["order"]) for s in out) == \
+        {tuple(o): c for o, c in orderings(3, 7, seed=item_seed(0, "r"))}
+
+
+def test_orders_repeat_on_rerun_and_adaptive_rounds_draw_the_full_runs_orders():
+    """Sample t of an item has the order prompts.sample_order(n, item seed, t), whatever the batching, the
+    rerun or the adaptive rounds; with k=1 the input order is not always the one shown."""
+    from grm_ray.prompts import sample_order
+
+    rows = [item("x", ["a", "b", "c"]), item("y", ["a", "b"])]
+    full = [[s["order"] for s in r[S.SAMPLES]] for r in GRMSampler(cfg(k=9), FakeGRM())(rows)]
+    again = [[s["order"] for s in r[S.SAMPLES]] for r in GRMSampler(cfg(k=9), FakeGRM())(rows[::-1])][::-1]
+    assert full == again
+    ada = GRMSampler(cfg(k=9, adaptive="confident"), FakeGRM(scorer=lambda r, j, p: 5))(rows)
+    for r, res in zip(rows, ada):
+        want = [sample_order(len(r[S.RESPONSES]), item_seed(0, r[S.ID]), t) for t in range(9)]
+        assert sorted(tuple(s["order"]) for s in res[S.SAMPLES]) == sorted(want)
+    firsts = {tuple(GRMSampler(cfg(k=1), FakeGRM())([item(f"i{j}", ["a", "b"])])[0][S.SAMPLES][0]["order"])
+              for j in range(12)}
+    assert firsts == {(0, 1), (1, 0)}
 
 
 @pytest.mark.parametrize("k", [2, 3, 8, 9, 32])

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grm_ray.voting import decided_confident, decided_exact, lead, select_kept, unshuffle, vote
+from grm_ray.voting import (confidence, decided_confident, decided_exact, flip_probability, lead, select_kept,
+                            unshuffle, vote)
 
 
 def S(scores, meta=None):
@@ -249,24 +250,29 @@ def test_exact_early_stop_never_changes_the_winner(case):
             assert full["tie"] is False
             assert full["best_index"] == leader
             # and the confident rule stops at least whenever the exact one does
-            assert decided_confident(valid, k - m, risk=0.01, rounds=k) is True
+            assert decided_confident(valid, k - m, risk=0.01) is True
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.integers(1, 10), min_size=2, max_size=2), max_size=10),
-       st.floats(0.001, 0.5), st.integers(1, 16))
-def test_confident_rule_bounds(rows, risk, rounds):
-    assert decided_confident(rows, 0, risk, rounds) is True
-    assert decided_confident([], 0, risk, rounds) is True
-    assert decided_confident([], 5, risk, rounds) is False  # never stops before seeing a sample
+       st.floats(0.001, 0.5))
+def test_confident_rule_bounds(rows, risk):
+    assert decided_confident(rows, 0, risk) is True
+    assert decided_confident([], 0, risk) is True
+    assert decided_confident([], 5, risk) is False  # never stops before seeing a sample
+    if rows:
+        p = flip_probability(rows, 5)
+        assert 0 <= p <= 1 and decided_confident(rows, 5, risk) == (p <= risk or decided_exact(
+            [sum(c) for c in zip(*rows)], 5))
 
 
 def test_confident_rule_stops_early_on_a_clear_winner_but_not_on_a_close_race():
     clear = [[10, 1]] * 16
     assert decided_exact([160, 16], 16) is False   # 144 is not > 9 x 16
-    assert decided_confident(clear, 16, risk=0.05, rounds=16) is True
-    close = [[6, 5], [5, 6], [7, 5]] * 4
-    assert decided_confident(close, 20, risk=0.05, rounds=16) is False
+    assert decided_confident(clear, 16, risk=0.05) is True
+    assert decided_confident([[9, 4], [8, 5]] * 3, 26, risk=0.01) is True  # 6 steady samples of a 32
+    close = [[6, 5], [5, 6]] * 5 + [[7, 5]]
+    assert decided_confident(close, 20, risk=0.05) is False
 
 
 def test_confident_rule_rarely_changes_the_winner():
@@ -278,7 +284,7 @@ def test_confident_rule_rarely_changes_the_winner():
         seq = [[min(10, rng.randint(1, 8) + gap), rng.randint(1, 8)] for _ in range(k)]
         full = vote([S(s) for s in seq], n=2)
         for m in range(2, k, 2):  # checks after each balanced round of a pair
-            if decided_confident(seq[:m], k - m, risk, rounds=k // 2):
+            if decided_confident(seq[:m], k - m, risk):
                 stopped_early += 1
                 totals = [sum(s[j] for s in seq[:m]) for j in range(2)]
                 if full["tie"] or max(range(2), key=lambda j: totals[j]) != full["best_index"]:
@@ -286,3 +292,34 @@ def test_confident_rule_rarely_changes_the_winner():
                 break
     assert stopped_early > 0
     assert wrong <= risk * trials
+
+
+def test_flip_probability_and_confidence():
+    # a tie in the seen totals is a coin flip; a steady lead is near-certain; more samples to come -> riskier
+    assert flip_probability([[6, 5], [5, 6]]) == pytest.approx(0.5)
+    steady = [[8, 3], [7, 4], [9, 3], [8, 2]]
+    assert flip_probability(steady, 4) < flip_probability(steady, 28) < 0.01
+    assert flip_probability(steady, 0) == 0.0 and flip_probability([], 3) == 1.0
+    # the leader is judged against every rival (union bound): a close third response raises the flip chance
+    assert flip_probability([[8, 3, 7], [7, 4, 7], [9, 3, 8]], None) > flip_probability([[8, 3], [7, 4], [9, 3]], None)
+    assert confidence([[7]], 0) is None and confidence([], 0) is None
+    assert confidence(steady, 0) == pytest.approx(1 - flip_probability(steady, None))
+    assert confidence(steady, 1) < 0.01  # the trailing response as winner: confidence near 0
+    v = vote([S(s) for s in steady], n=2)
+    assert v["confidence"] == pytest.approx(confidence(steady, 0)) and v["confidence"] > 0.99
+    assert vote([S(None)], n=2)["confidence"] is None
+
+
+def test_confidence_is_calibrated_on_the_normal_model():
+    """Items drawn from the prior's own model: among items whose confidence is c, the true better response
+    (the one with the higher mean) wins the vote about a share c of the time."""
+    rng = random.Random(7)
+    conf, hit = [], []
+    for _ in range(3000):
+        mu, sd = rng.gauss(0, 1.5), 2.0
+        rows = [[round(5 + mu / 2 + rng.gauss(0, sd)), round(5 - mu / 2 + rng.gauss(0, sd))] for _ in range(6)]
+        v = vote([S(r) for r in rows], n=2, seed=rng.randrange(10**6))
+        conf.append(v["confidence"])
+        hit.append(v["best_index"] == (0 if mu > 0 else 1))
+    mean_conf, accuracy = sum(conf) / len(conf), sum(hit) / len(hit)
+    assert abs(mean_conf - accuracy) < 0.04, (mean_conf, accuracy)

