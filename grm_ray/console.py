@@ -231,7 +231,13 @@ class Console:
                 ("samples (valid)", f"{_count(s.get('samples', 0))} ({_count(s.get('valid_samples', 0))})"),
                 ("generated tokens", _count(s.get("generated_tokens", 0))),
                 ("tokens / s", _count(s.get("generated_tokens", 0) / wall) if wall else "-"),
-                ("wall time", _duration(wall)), ("unreadable files", str(len(s.get("bad_files") or {}))),
-                ("output", str(s["output"])), ("log", self.log_file)]
+                ("wall time", _duration(wall))]
+        for stage, label in (("GRMSampler", "GRM pool"), ("MetaScorer", "meta RM pool")):
+            p = (s.get("stages") or {}).get(stage)
+            if p:  # how well the pool's engines were fed: idle = no batch in flight (see the warning, if any)
+                rows.append((label, f"{p['actors']} actor(s), idle {100 * p['idle_share']:.0f}% of "
+                             f"{_duration(p['span_seconds'])}, {p['mean_batches_in_flight']:g} batches in flight"))
+        rows += [("unreadable files", str(len(s.get("bad_files") or {}))), ("output", str(s["output"])),
+                 ("log", self.log_file)]
         width = max(len(k) for k, _ in rows)
         self.echo("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -91,16 +91,92 @@ def _conform(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))
 
 
+class StageClock:
+    """Busy and idle time of one engine actor, from its first batch on: idle is time with no batch in flight
+    (the pool was starved: reads, an upstream stage or the object store did not keep up), and the mean number
+    of batches in flight says how full the actor kept its engine. Ray-free; `_StageActor` ticks it."""
+
+    def __init__(self, clock: Any = time.monotonic):
+        self.clock, self.first, self.last = clock, None, None
+        self.in_flight = self.batches = self.rows = 0
+        self.idle = self.area = 0.0
+
+    def enter(self) -> None:
+        now = self.clock()
+        if self.first is None:
+            self.first = now
+        elif self.in_flight == 0:
+            self.idle += now - self.last
+        else:
+            self.area += self.in_flight * (now - self.last)
+        self.in_flight += 1
+        self.last = now
+
+    def leave(self, rows: int) -> dict[str, float]:
+        now = self.clock()
+        self.area += self.in_flight * (now - self.last)
+        self.in_flight -= 1
+        self.last = now
+        self.batches += 1
+        self.rows += rows
+        return {"batches": self.batches, "rows": self.rows, "span_seconds": now - self.first,
+                "idle_seconds": self.idle, "batch_seconds": self.area}
+
+
+def stage_summary(reports: dict[tuple[str, str], dict[str, float]], max_in_flight: int) -> dict[str, dict]:
+    """Per stage, over its actors' latest reports: counts, busy and idle time, mean batches in flight; an
+    engine pool idle over a fifth of its time is logged as starved, with what to change."""
+    out: dict[str, dict] = {}
+    for (stage, _), r in reports.items():
+        s = out.setdefault(stage, {"actors": 0, "batches": 0, "rows": 0, "span_seconds": 0.0, "idle_seconds": 0.0,
+                                   "batch_seconds": 0.0})
+        s["actors"] += 1
+        for key in ("batches", "rows", "span_seconds", "idle_seconds", "batch_seconds"):
+            s[key] += r[key]
+    for stage, s in out.items():
+        span = s["span_seconds"] or 1e-9
+        s["idle_share"] = round(s["idle_seconds"] / span, 3)
+        s["mean_batches_in_flight"] = round(s.pop("batch_seconds") / span, 2)
+        s["span_seconds"], s["idle_seconds"] = round(s["span_seconds"], 2), round(s["idle_seconds"], 2)
+        if s["idle_share"] > 0.2:
+            log.warning("%s pool: its engines sat idle %.0f%% of their time waiting for batches (mean %.2f of %d "
+                        "batches in flight): input starved; more read parallelism (a smaller --unit-rows), fewer "
+                        "engine actors or a larger --batch-size keep them busy", stage, 100 * s["idle_share"],
+                        s["mean_batches_in_flight"], max_in_flight)
+    return out
+
+
+class StageStats:
+    """Ray actor of a run: engine actors send their StageClock reports; the driver reads the per-stage summary."""
+
+    def __init__(self):
+        self.reports: dict[tuple[str, str], dict[str, float]] = {}
+
+    def report(self, stage: str, actor: str, figures: dict[str, float]) -> None:
+        self.reports[(stage, actor)] = figures
+
+    def summary(self, max_in_flight: int) -> dict[str, dict]:
+        return stage_summary(self.reports, max_in_flight)
+
+
 class _StageActor:
     """Holds one stage (and its engine) for the life of a Ray actor. Async: with `max_concurrency` the actor
     takes cfg.max_batches_in_flight batches at once, and their requests share the engine's running batch."""
 
-    def __init__(self, stage_cls: type, cfg: JobConfig):
+    def __init__(self, stage_cls: type, cfg: JobConfig, stats: Any = None):
         self.stage = stage_cls(cfg)
-        warn_if_underfed(cfg, getattr(self.stage.engine, "max_num_seqs", None), type(self.stage).__name__)
+        self.name = stage_cls.__name__
+        warn_if_underfed(cfg, getattr(self.stage.engine, "max_num_seqs", None), self.name)
+        self.stats, self.clock, self.id = stats, StageClock(), f"{os.getpid()}-{id(self)}"
 
     async def __call__(self, table: pa.Table) -> pa.Table:
-        return await aapply(self.stage, table)
+        self.clock.enter()
+        try:
+            return await aapply(self.stage, table)
+        finally:
+            figures = self.clock.leave(table.num_rows)
+            if self.stats is not None:  # one small message per batch, never awaited
+                self.stats.report.remote(self.name, self.id, figures)
 
 
 def warn_if_underfed(cfg: JobConfig, max_num_seqs: int | None, stage: str) -> bool:
@@ -134,7 +210,9 @@ def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, st
     for start in range(0, table.num_rows, step):
         part = table.slice(start, step)
         record = part_record(part.column(SOURCE).to_pylist(), fingerprints)
+        t0 = time.perf_counter()
         name = storage.write_part(fs, out_dir, part, metadata, record)
+        seconds = time.perf_counter() - t0
         reused = part.column(REUSED).to_pylist()
         samples = [s for s, r in zip(part.column("samples").to_pylist(), reused) if not r]
         rows.append({
@@ -142,7 +220,7 @@ def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, st
             "errors": part.num_rows - part.column(ERROR).null_count,
             "samples": sum(len(s or []) for s in samples),
             "valid": sum(sum(x["valid"] for x in s or []) for s in samples),
-            "tokens": sum(sum(x["n_tokens"] for x in s or []) for s in samples),
+            "tokens": sum(sum(x["n_tokens"] for x in s or []) for s in samples), "seconds": seconds,
         })
     return pa.Table.from_pylist(rows)
 
@@ -215,11 +293,11 @@ def engine_resources(cfg: JobConfig) -> dict[str, Any]:
     return res
 
 
-def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler):
+def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler, stats: Any = None):
     """Normalised rows -> voted rows: the GRM actor pool, the meta RM pool (optional) and Vote; lazy.
 
     Shared by `grm-ray score` (before its commit) and `score_dataset`. `grm_stage` is for measurements of
-    the streaming machinery alone (bench/, memory bounds).
+    the streaming machinery alone (bench/, memory bounds); `stats`, a StageStats actor, collects the pools' clocks.
     """
     import ray
 
@@ -233,7 +311,7 @@ def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler):
         # engine=openai: the GRM (and judge) actors only send HTTP requests, they hold no model
         http = cfg.engine == "openai" and (stage is not MetaScorer or cfg.meta_mode == "judge")
         remote = {"num_cpus": LIGHT_CPUS} if http else res
-        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg},
+        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg, "stats": stats},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
                                 min_size=low, max_size=high, max_concurrent_calls_per_actor=cfg.max_batches_in_flight),
@@ -243,7 +321,7 @@ def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler):
 
 
 def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], duplicate_ids: frozenset[str] = frozenset(),
-          grm_stage: type = GRMSampler):
+          grm_stage: type = GRMSampler, stats: Any = None):
     """The Ray Data pipeline; nothing runs until it is consumed (with --reuse, the join with the previous
     output runs first; see reuse.py).
 
@@ -260,7 +338,7 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
         from .reuse import split
 
         reused, ds = split(ds, cfg, passthrough, p.total_rows - p.skipped_rows)
-    ds = add_scoring(ds, cfg, grm_stage)
+    ds = add_scoring(ds, cfg, grm_stage, stats)
     fin = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"passthrough": passthrough})
     if reused is not None:  # both branches in the output shape, so the commit's batches concatenate
         ds = ds.map_batches(finalize, **fin).union(reused.map_batches(finalize, **fin))
@@ -318,15 +396,20 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         progress.start(p.total_rows, p.skipped_rows)
     if p.units:
         init_ray(cfg)
+        import ray
+
         dups = duplicate_ids(cfg, inputs)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
         watch = _PendingWatch(engine_resources(cfg))
+        stats = ray.remote(num_cpus=0)(StageStats).remote()
         try:
-            for batch in build(cfg, p, out_dir, metadata, dups).iter_batches(batch_size=None, batch_format="pyarrow"):
+            ds = build(cfg, p, out_dir, metadata, dups, stats=stats)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if lease.lost:
                     raise JobError(f"{lease.lost}; stopped so that two jobs never write one output")
                 for row in batch.to_pylist():
                     totals.update({k: v for k, v in row.items() if k != "part"})
+                    totals["parts"] += 1
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
                     if progress:
@@ -342,6 +425,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
                            "committed parts are kept: fix the cause and rerun the same command to resume") from e
         finally:
             watch.stop()
+        stages = ray.get(stats.summary.remote(cfg.max_batches_in_flight))
+        stages["commit"] = {"parts": totals["parts"], "rows": totals["rows"], "seconds": round(totals["seconds"], 2)}
     storage.clean_temporaries(fs, out_dir)  # every task has ended: what a failed, retried write left goes
     led = read_ledger(fs, out_dir)
     check_counts(inputs, led)
@@ -349,7 +434,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
                "reused_rows": totals["reused"], "errors_new": totals["errors"], "samples": totals["samples"],
                "valid_samples": totals["valid"],
                "generated_tokens": totals["tokens"], "wall_seconds": round(time.time() - t0, 2),
-               "bad_files": p.bad_files, "orphaned_rows": p.orphans, "parts": led.parts}
+               "bad_files": p.bad_files, "orphaned_rows": p.orphans, "parts": led.parts,
+               "stages": stages if p.units else {}}
     summary["error_rows"] = error_rows(fs, out_dir)
     storage.write_json(fs, job_path, {**info, "status": "complete" if not p.bad_files else "incomplete",
                                       "summary": summary})

@@ -45,6 +45,11 @@ def test_multishard_meta_classifier(ray_local, tiny_cfg, tiny_models, tmp_path, 
         [f"c.parquet#{i}" for i in range(4)]
     assert sorted(sources_of(out)) == sorted(expected)
     assert summary["rows"] == 13 and summary["new_rows"] == 13
+    # per-stage counts and time in the summary: every row went through both engine pools and was committed
+    stages = summary["stages"]
+    assert stages["GRMSampler"]["rows"] == stages["MetaScorer"]["rows"] == stages["commit"]["rows"] == 13
+    assert 0 <= stages["GRMSampler"]["idle_seconds"] <= stages["GRMSampler"]["span_seconds"]
+    assert stages["commit"]["parts"] == summary["parts"]  # a fresh run committed every part
     rows = {r["source"]: r for r in out.to_pylist()}
 
     # input columns are kept; HH rows were converted (shared prefix -> messages, last turns -> responses)

@@ -16,3 +16,45 @@ def test_warns_when_batches_in_flight_cannot_fill_the_engine(caplog):
     assert "at most 64 sequences in flight" in caplog.text and "max_num_seqs 256" in caplog.text
     assert not warn_if_underfed(JobConfig(batch_size=32, k=8, max_batches_in_flight=1), 256, "GRMSampler")
     assert not warn_if_underfed(JobConfig(), None, "GRMSampler")  # a server engine: nothing to compare with
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_stage_clock_counts_idle_gaps_and_batches_in_flight():
+    from grm_ray.pipeline import StageClock
+
+    t = Clock()
+    c = StageClock(t)
+    t.t = 100.0
+    c.enter()                  # first batch at 100: time before it (engine start) is not idle
+    t.t = 102.0
+    c.enter()                  # two in flight from 102
+    t.t = 104.0
+    c.leave(8)
+    t.t = 106.0
+    f = c.leave(8)             # none in flight from 106
+    assert f == {"batches": 2, "rows": 16, "span_seconds": 6.0, "idle_seconds": 0.0, "batch_seconds": 8.0}
+    t.t = 110.0
+    c.enter()                  # starved 106 -> 110
+    t.t = 112.0
+    f = c.leave(4)
+    assert f["idle_seconds"] == 4.0 and f["span_seconds"] == 12.0 and f["batch_seconds"] == 10.0
+
+
+def test_stage_summary_adds_actors_and_names_a_starved_pool(caplog):
+    from grm_ray.pipeline import stage_summary
+
+    caplog.set_level(logging.WARNING)
+    busy = {"batches": 4, "rows": 32, "span_seconds": 10.0, "idle_seconds": 0.5, "batch_seconds": 30.0}
+    starved = {"batches": 1, "rows": 8, "span_seconds": 10.0, "idle_seconds": 6.0, "batch_seconds": 4.0}
+    out = stage_summary({("GRMSampler", "a"): busy, ("GRMSampler", "b"): busy, ("MetaScorer", "c"): starved}, 4)
+    assert out["GRMSampler"] == {"actors": 2, "batches": 8, "rows": 64, "span_seconds": 20.0, "idle_seconds": 1.0,
+                                 "idle_share": 0.05, "mean_batches_in_flight": 3.0}
+    assert out["MetaScorer"]["idle_share"] == 0.6 and out["MetaScorer"]["mean_batches_in_flight"] == 0.4
+    assert "MetaScorer pool" in caplog.text and "60%" in caplog.text and "GRMSampler pool" not in caplog.text
