@@ -245,6 +245,41 @@ def _locate_errors(table: pa.Table) -> pa.Table:
     return table.set_column(i, table.schema.field(i), pa.array(located, pa.string()))
 
 
+BLOCK_STATS_KEEP = 1000  # per Ray Data operator; None keeps Ray's behaviour (bench/driver_scale's baseline)
+
+
+def bound_block_stats(keep: int | None = BLOCK_STATS_KEEP) -> bool:
+    """Keep at most about `keep` per-block stats per Ray Data map operator on the driver.
+
+    Ray Data (2.56-2.60 at least) keeps one BlockStats per output block of every operator until the dataset
+    ends (ray-project/ray#66016), so the driver grows with blocks, i.e. rows: about 3 operators x 1 block per
+    batch_size rows, ~1 KB each, some 10 GiB at 10^8 rows with 32-item batches. They only feed `ds.stats()`,
+    which the job never reads. Returns False when this Ray has no such list (then nothing is changed).
+    """
+    try:
+        from ray.data._internal.execution.operators.map_operator import MapOperator
+    except ImportError:
+        return False
+    current = MapOperator._get_next_inner
+    inner = getattr(current, "__wrapped__", current)
+    if keep is None:
+        MapOperator._get_next_inner = inner
+        return False
+    if getattr(current, "grm_ray_keep", None) == keep:
+        return True
+
+    def _get_next_inner(self):
+        bundle = inner(self)
+        stats = getattr(self, "_output_blocks_stats", None)
+        if isinstance(stats, list) and len(stats) > 2 * keep:
+            del stats[:-keep]
+        return bundle
+
+    _get_next_inner.__wrapped__, _get_next_inner.grm_ray_keep = inner, keep
+    MapOperator._get_next_inner = _get_next_inner
+    return True
+
+
 def init_ray(cfg: JobConfig) -> bool:
     """Join cfg.ray_address / RAY_ADDRESS, or start a local Ray sized for the pools; True if local."""
     import ray
@@ -398,6 +433,7 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         init_ray(cfg)
         import ray
 
+        bound_block_stats(BLOCK_STATS_KEEP)
         dups = duplicate_ids(cfg, inputs)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
         watch = _PendingWatch(engine_resources(cfg))

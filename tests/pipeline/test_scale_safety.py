@@ -136,3 +136,32 @@ def test_engine_actors_ask_for_gpus_on_a_cluster(monkeypatch, tiny_config, ray_l
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")           # inside a submitted Ray job
     assert engine_gpus(tiny_config()) == 1.0
     assert engine_gpus(tiny_config(gpus_per_actor=0)) == 0.0
+
+
+def test_driver_keeps_a_bounded_number_of_block_stats(ray_local):
+    """Ray Data keeps one BlockStats per output block of each operator on the driver (ray#66016): the job
+    caps that list, so a 10^8-row run does not grow the driver by a block's stats every batch_size rows."""
+    import gc
+
+    from ray.data._internal.execution.operators.map_operator import MapOperator
+
+    from grm_ray.pipeline import BLOCK_STATS_KEEP, bound_block_stats
+
+    def operators() -> list:
+        return [o for o in gc.get_objects() if isinstance(o, MapOperator)]
+
+    def retained() -> int:  # the most stats an operator of this test's dataset holds
+        return max((len(o._output_blocks_stats) for o in operators() if id(o) not in before), default=0)
+
+    before = {id(o) for o in operators()}  # datasets of earlier tests in this process
+    try:
+        assert bound_block_stats(keep=5)
+        ds = ray_local.data.range(120, override_num_blocks=120).map_batches(lambda b: b, batch_size=1)
+        most, seen = 0, 0
+        for _ in ds.iter_batches(batch_size=None):
+            seen += 1
+            if seen % 20 == 0:
+                most = max(most, retained())
+        assert seen == 120 and 0 < most <= 10
+    finally:
+        bound_block_stats(BLOCK_STATS_KEEP)
