@@ -170,7 +170,10 @@ from grm_ray import pipeline
 from grm_ray.config import JobConfig
 from bench.driver_scale import FixedSampler
 inp, out = sys.argv[1], sys.argv[2]
-cfg = JobConfig(input=inp, output=out, k=1, batch_size=256, overwrite=True, device="cpu")
+batch_size, keep = int(os.environ["BENCH_BATCH_SIZE"]), os.environ["BENCH_KEEP_STATS"]
+cfg = JobConfig(input=inp, output=out, k=1, batch_size=batch_size, overwrite=True, device="cpu")
+if keep == "all":  # the baseline: Ray Data's own per-block stats, unbounded (ray#66016)
+    pipeline.BLOCK_STATS_KEEP = None
 base = rss()
 for attempt in range(3):  # a raylet may miss Ray's fixed 30 s start-up wait on a machine this loaded
     try:
@@ -187,8 +190,8 @@ print(json.dumps({"base_rss": base, "after_ray_init_rss": ray_base, "peak_rss": 
 """
 
 
-def measure(code: str, args: list[str], pythonpath: Path, log: Path) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": f"{pythonpath}:{ROOT}" if pythonpath != ROOT else str(ROOT)}
+def measure(code: str, args: list[str], pythonpath: Path, log: Path, **env_over: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": f"{pythonpath}:{ROOT}" if pythonpath != ROOT else str(ROOT), **env_over}
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-c", code, *args], cwd=pythonpath, env=env,
                               stdout=subprocess.PIPE, stderr=f, text=True)
@@ -208,6 +211,9 @@ class FixedSampler:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    async def acall(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self(rows)
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -265,7 +271,7 @@ def markdown(res: dict[str, Any]) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     lines = ["| what | rows | files | peak RSS MiB | over import baseline MiB | seconds | units | load (1 min) |",
              "|---|---|---|---|---|---|---|---|"]
-    for kind in ("plan", "resume", "old", "old_resume", "run"):
+    for kind in ("plan", "resume", "old", "old_resume", "run", "run_ray_stats"):
         for c, r in res["results"].get(kind, {}).items():
             rows, files = parse_case(c)
             if "peak_rss" not in r:
@@ -286,6 +292,9 @@ def main() -> None:
     p.add_argument("--data", default="/tmp/grm-driver-scale", help="where inputs and outputs are written (reused)")
     p.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help="ROWS:FILES cases for plan and resume")
     p.add_argument("--run", nargs="*", default=DEFAULT_RUN, help="ROWS:FILES cases for a whole run (FixedSampler)")
+    p.add_argument("--run-batch-size", type=int, default=32, help="batch_size of the whole runs (the default)")
+    p.add_argument("--run-ray-stats", action="store_true",
+                   help="also run each --run case with Ray Data's per-block stats unbounded (before the cap)")
     p.add_argument("--old", nargs="*", default=DEFAULT_OLD, help="ROWS:FILES cases for the old code's plan")
     p.add_argument("--old-ref", default="9e34011", help="the commit before the change")
     p.add_argument("--old-checkout", default="/tmp/old-grm", help="a worktree of --old-ref (made if missing)")
@@ -303,9 +312,9 @@ def main() -> None:
     if not args.fresh:  # a partial run (say --cases --old --run 1e6:100) adds to the figures already saved
         res["results"] = common.load_results().get("driver_scale", {}).get("results", {})
 
-    def record(kind: str, case: str, code: str, inp: Path, out: Path, path: Path) -> None:
+    def record(kind: str, case: str, code: str, inp: Path, out: Path, path: Path, **env: str) -> None:
         print(f"[driver_scale] {kind} {case} ...", flush=True)
-        r = measure(code, [str(inp), str(out)], path, logs / f"{kind}-{case.replace(':', '-')}.log")
+        r = measure(code, [str(inp), str(out)], path, logs / f"{kind}-{case.replace(':', '-')}.log", **env)
         res["results"].setdefault(kind, {})[case] = r
         print(f"[driver_scale] {kind} {case}: peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {r['seconds']} s, "
               f"load {r['load_avg'][0]}", flush=True)
@@ -325,7 +334,9 @@ def main() -> None:
                 record(resume_kind, case, code, inp, write_committed(data, rows, files), path)
     for case in args.run:
         rows, files = parse_case(case)
-        record("run", case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT)
+        for kind, keep in [("run", "bounded")] + ([("run_ray_stats", "all")] if args.run_ray_stats else []):
+            record(kind, case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT,
+                   BENCH_BATCH_SIZE=str(args.run_batch_size), BENCH_KEEP_STATS=keep)
     res["fits"] = fits(res["results"])
     common.save_results("driver_scale", res)
     print(markdown(res))

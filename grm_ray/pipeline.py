@@ -163,10 +163,10 @@ class _StageActor:
     """Holds one stage (and its engine) for the life of a Ray actor. Async: with `max_concurrency` the actor
     takes cfg.max_batches_in_flight batches at once, and their requests share the engine's running batch."""
 
-    def __init__(self, stage_cls: type, cfg: JobConfig, stats: Any = None):
+    def __init__(self, stage_cls: type, cfg: JobConfig, stats: Any = None, name: str | None = None):
         self.stage = stage_cls(cfg)
-        self.name = stage_cls.__name__
-        warn_if_underfed(cfg, getattr(self.stage.engine, "max_num_seqs", None), self.name)
+        self.name = name or stage_cls.__name__
+        warn_if_underfed(cfg, getattr(getattr(self.stage, "engine", None), "max_num_seqs", None), self.name)
         self.stats, self.clock, self.id = stats, StageClock(), f"{os.getpid()}-{id(self)}"
 
     async def __call__(self, table: pa.Table) -> pa.Table:
@@ -341,12 +341,12 @@ def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler, stats: Any = N
     # batches by default (max_restarts=-1, max_task_retries=-1). max_concurrent_calls_per_actor becomes the
     # actor's max_concurrency (as ray.data.llm's vLLM stage sets it): the async actor runs that many batches
     # at once, and Ray Data keeps up to twice as many queued on it.
-    for stage, (low, high) in [(grm_stage, cfg.grm_actors)] + (
-            [(MetaScorer, cfg.meta_actors)] if cfg.meta_mode != "none" else []):
+    for stage, name, (low, high) in [(grm_stage, "GRMSampler", cfg.grm_actors)] + (
+            [(MetaScorer, "MetaScorer", cfg.meta_actors)] if cfg.meta_mode != "none" else []):
         # engine=openai: the GRM (and judge) actors only send HTTP requests, they hold no model
         http = cfg.engine == "openai" and (stage is not MetaScorer or cfg.meta_mode == "judge")
         remote = {"num_cpus": LIGHT_CPUS} if http else res
-        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg, "stats": stats},
+        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg, "stats": stats, "name": name},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
                                 min_size=low, max_size=high, max_concurrent_calls_per_actor=cfg.max_batches_in_flight),
