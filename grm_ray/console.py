@@ -64,6 +64,7 @@ class Console:
         self.total = self.done = 0
         self.rows = self.errors = self.samples = self.tokens = 0
         self.t0 = _now()
+        self.pools: Any = None  # set by pipeline.run: () -> {stage: (actors busy, actors)}
         self._first: tuple[float, int] | None = None  # (time, rows) at the first part: the rate after start-up
         self._last_line = 0.0
         self._lock = threading.Lock()
@@ -178,19 +179,22 @@ class Console:
             return (self.rows - self._first[1]) / (_now() - self._first[0])
         return 0.0
 
-    @staticmethod
-    def _engines() -> str:
-        """Engine slots in use (GPUs, else CPUs) from Ray's resource view: one cheap call, when Ray is up."""
+    def _engines(self) -> str:
+        """Per pool, actors with a batch in flight of those that have had one; then the engine slots in use
+        (GPUs, else CPUs) from Ray's resource view. Cheap calls, when Ray is up."""
         try:
             import ray
 
             if not ray.is_initialized():
                 return ""
+            pools = self.pools() if self.pools else {}
             total, free = ray.cluster_resources(), ray.available_resources()
         except Exception:  # noqa: BLE001 - a display detail never fails the job
             return ""
+        text = "".join(f" | {label} actors busy {pools[stage][0]}/{pools[stage][1]}"
+                       for stage, label in (("GRMSampler", "GRM"), ("MetaScorer", "meta")) if stage in pools)
         kind = "GPU" if total.get("GPU") else "CPU"
-        return f" | {kind}s busy {total.get(kind, 0) - free.get(kind, 0):g}/{total.get(kind, 0):g}"
+        return f"{text} | {kind}s busy {total.get(kind, 0) - free.get(kind, 0):g}/{total.get(kind, 0):g}"
 
     def _show(self, force: bool = False, every: float | None = None) -> None:
         now, every = _now(), LINE_SECONDS if every is None else every

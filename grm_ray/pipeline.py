@@ -101,7 +101,7 @@ class StageClock:
         self.in_flight = self.batches = self.rows = 0
         self.idle = self.area = 0.0
 
-    def enter(self) -> None:
+    def enter(self) -> dict[str, float]:
         now = self.clock()
         if self.first is None:
             self.first = now
@@ -111,6 +111,7 @@ class StageClock:
             self.area += self.in_flight * (now - self.last)
         self.in_flight += 1
         self.last = now
+        return self.figures(now)
 
     def leave(self, rows: int) -> dict[str, float]:
         now = self.clock()
@@ -119,8 +120,11 @@ class StageClock:
         self.last = now
         self.batches += 1
         self.rows += rows
+        return self.figures(now)
+
+    def figures(self, now: float) -> dict[str, float]:
         return {"batches": self.batches, "rows": self.rows, "span_seconds": now - self.first,
-                "idle_seconds": self.idle, "batch_seconds": self.area}
+                "idle_seconds": self.idle, "batch_seconds": self.area, "in_flight": self.in_flight}
 
 
 def stage_summary(reports: dict[tuple[str, str], dict[str, float]], max_in_flight: int) -> dict[str, dict]:
@@ -158,6 +162,14 @@ class StageStats:
     def summary(self, max_in_flight: int) -> dict[str, dict]:
         return stage_summary(self.reports, max_in_flight)
 
+    def busy(self) -> dict[str, tuple[int, int]]:
+        """Per stage: actors with a batch in flight now, actors that have had one (the live display)."""
+        out: dict[str, tuple[int, int]] = {}
+        for (stage, _), r in self.reports.items():
+            busy, seen = out.get(stage, (0, 0))
+            out[stage] = (busy + (r["in_flight"] > 0), seen + 1)
+        return out
+
 
 class _StageActor:
     """Holds one stage (and its engine) for the life of a Ray actor. Async: with `max_concurrency` the actor
@@ -170,13 +182,15 @@ class _StageActor:
         self.stats, self.clock, self.id = stats, StageClock(), f"{os.getpid()}-{id(self)}"
 
     async def __call__(self, table: pa.Table) -> pa.Table:
-        self.clock.enter()
+        self._report(self.clock.enter())
         try:
             return await aapply(self.stage, table)
         finally:
-            figures = self.clock.leave(table.num_rows)
-            if self.stats is not None:  # one small message per batch, never awaited
-                self.stats.report.remote(self.name, self.id, figures)
+            self._report(self.clock.leave(table.num_rows))
+
+    def _report(self, figures: dict[str, float]) -> None:
+        if self.stats is not None:  # two small messages per batch, never awaited
+            self.stats.report.remote(self.name, self.id, figures)
 
 
 def warn_if_underfed(cfg: JobConfig, max_num_seqs: int | None, stage: str) -> bool:
@@ -438,6 +452,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
         watch = _PendingWatch(engine_resources(cfg))
         stats = ray.remote(num_cpus=0)(StageStats).remote()
+        if progress:
+            progress.pools = lambda: ray.get(stats.busy.remote(), timeout=2)
         try:
             ds = build(cfg, p, out_dir, metadata, dups, stats=stats)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

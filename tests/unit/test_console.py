@@ -134,3 +134,17 @@ def test_a_terminal_gets_one_line_redrawn(tmp_path):
     assert text.count("\r\x1b[2K") == 3 and "\n" not in text.replace("\r\n", "")
     last = text.split("\r\x1b[2K")[-1]  # the line as it stands (a Ray of earlier tests adds "| CPUs busy")
     assert "ETA 0:00:00" in last and "rows 8/8 (100%)" in last
+
+
+def test_progress_shows_busy_actors_per_pool(monkeypatch, tmp_path):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    con = Console(str(tmp_path / "o"), stream=io.StringIO())
+    assert con._engines() == " | CPUs busy 3/4"  # before the pools exist
+    con.pools = lambda: {"GRMSampler": (2, 3), "MetaScorer": (0, 1)}
+    assert con._engines() == " | GRM actors busy 2/3 | meta actors busy 0/1 | CPUs busy 3/4"
+    con.pools = lambda: 1 / 0  # the stats actor gone: the display drops the detail, the job goes on
+    assert con._engines() == ""

@@ -39,9 +39,10 @@ def test_stage_clock_counts_idle_gaps_and_batches_in_flight():
     c.leave(8)
     t.t = 106.0
     f = c.leave(8)             # none in flight from 106
-    assert f == {"batches": 2, "rows": 16, "span_seconds": 6.0, "idle_seconds": 0.0, "batch_seconds": 8.0}
+    assert f == {"batches": 2, "rows": 16, "span_seconds": 6.0, "idle_seconds": 0.0, "batch_seconds": 8.0,
+                 "in_flight": 0}
     t.t = 110.0
-    c.enter()                  # starved 106 -> 110
+    assert c.enter()["in_flight"] == 1  # starved 106 -> 110
     t.t = 112.0
     f = c.leave(4)
     assert f["idle_seconds"] == 4.0 and f["span_seconds"] == 12.0 and f["batch_seconds"] == 10.0
@@ -58,3 +59,15 @@ def test_stage_summary_adds_actors_and_names_a_starved_pool(caplog):
                                  "idle_share": 0.05, "mean_batches_in_flight": 3.0}
     assert out["MetaScorer"]["idle_share"] == 0.6 and out["MetaScorer"]["mean_batches_in_flight"] == 0.4
     assert "MetaScorer pool" in caplog.text and "60%" in caplog.text and "GRMSampler pool" not in caplog.text
+
+
+def test_stage_stats_busy_counts_actors_with_a_batch_in_flight():
+    from grm_ray.pipeline import StageStats
+
+    s = StageStats()
+    fig = {"batches": 1, "rows": 8, "span_seconds": 1.0, "idle_seconds": 0.0, "batch_seconds": 1.0}
+    s.report("GRMSampler", "a", {**fig, "in_flight": 2})
+    s.report("GRMSampler", "b", {**fig, "in_flight": 0})
+    s.report("MetaScorer", "c", {**fig, "in_flight": 1})
+    assert s.busy() == {"GRMSampler": (1, 2), "MetaScorer": (1, 1)}
+    assert s.summary(4)["GRMSampler"]["actors"] == 2
