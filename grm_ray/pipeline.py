@@ -171,6 +171,16 @@ class StageStats:
         return out
 
 
+def _stage_stats() -> Any:
+    """The run's StageStats actor, on the driver's node (a lost worker node must not take it along), restarted
+    if it dies all the same (its figures then start afresh)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, scheduling_strategy=here)(StageStats).remote()
+
+
 class _StageActor:
     """Holds one stage (and its engine) for the life of a Ray actor. Async: with `max_concurrency` the actor
     takes cfg.max_batches_in_flight batches at once, and their requests share the engine's running batch."""
@@ -451,7 +461,7 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         dups = duplicate_ids(cfg, inputs)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
         watch = _PendingWatch(engine_resources(cfg))
-        stats = ray.remote(num_cpus=0)(StageStats).remote()
+        stats = _stage_stats()
         if progress:
             progress.pools = lambda: ray.get(stats.busy.remote(), timeout=2)
         try:
@@ -477,7 +487,11 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
                            "committed parts are kept: fix the cause and rerun the same command to resume") from e
         finally:
             watch.stop()
-        stages = ray.get(stats.summary.remote(cfg.max_batches_in_flight))
+        try:  # a display and summary detail: never fails a job whose rows are committed
+            stages = ray.get(stats.summary.remote(cfg.max_batches_in_flight), timeout=60)
+        except Exception as e:  # noqa: BLE001
+            log.warning("per-stage figures lost (%s); the rows are committed and checked", _cause(e))
+            stages = {}
         stages["commit"] = {"parts": totals["parts"], "rows": totals["rows"], "seconds": round(totals["seconds"], 2)}
     storage.clean_temporaries(fs, out_dir)  # every task has ended: what a failed, retried write left goes
     led = read_ledger(fs, out_dir)
