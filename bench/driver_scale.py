@@ -189,6 +189,26 @@ print(json.dumps({"base_rss": base, "after_ray_init_rss": ray_base, "peak_rss": 
                   "new_rows": s["new_rows"]}))
 """
 
+BLOCKS = _PRELUDE + """
+import gc, ray
+from grm_ray import pipeline
+keep, blocks = sys.argv[1], int(sys.argv[2])
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
+pipeline.bound_block_stats(None if keep == "all" else int(keep))
+ds = ray.data.range(blocks * 256, override_num_blocks=blocks)
+for _ in range(3):
+    ds = ds.map_batches(lambda b: b, batch_size=32)
+n = 0
+for _ in ds.iter_batches(batch_size=None):
+    n += 1
+    if n == 1000:
+        gc.collect(); r0 = rss()
+gc.collect()
+print(json.dumps({"base_rss": r0, "peak_rss": peak(), "seconds": 0, "blocks": n,
+                  "bytes_per_block": round((rss() - r0) / (n - 1000))}))
+"""
+
 
 def measure(code: str, args: list[str], pythonpath: Path, log: Path, **env_over: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{pythonpath}:{ROOT}" if pythonpath != ROOT else str(ROOT), **env_over}
@@ -295,6 +315,8 @@ def main() -> None:
     p.add_argument("--run-batch-size", type=int, default=32, help="batch_size of the whole runs (the default)")
     p.add_argument("--run-ray-stats", action="store_true",
                    help="also run each --run case with Ray Data's per-block stats unbounded (before the cap)")
+    p.add_argument("--block-stats", type=int, default=0, metavar="BLOCKS",
+                   help="also measure the driver bytes Ray Data keeps per block, with and without the cap")
     p.add_argument("--old", nargs="*", default=DEFAULT_OLD, help="ROWS:FILES cases for the old code's plan")
     p.add_argument("--old-ref", default="9e34011", help="the commit before the change")
     p.add_argument("--old-checkout", default="/tmp/old-grm", help="a worktree of --old-ref (made if missing)")
@@ -337,6 +359,12 @@ def main() -> None:
         for kind, keep in [("run", "bounded")] + ([("run_ray_stats", "all")] if args.run_ray_stats else []):
             record(kind, case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT,
                    BENCH_BATCH_SIZE=str(args.run_batch_size), BENCH_KEEP_STATS=keep)
+    if args.block_stats:  # Ray Data's per-block driver state alone: three map operators, 256-row blocks
+        for keep in ("all", "1000"):
+            r = measure(BLOCKS, [keep, str(args.block_stats)], ROOT, logs / f"blocks-{keep}.log")
+            res.setdefault("block_stats", {})[keep] = r
+            print(f"[driver_scale] {args.block_stats} blocks x 3 operators, block stats kept: {keep}: "
+                  f"{r['bytes_per_block']} bytes per block retained on the driver", flush=True)
     res["fits"] = fits(res["results"])
     common.save_results("driver_scale", res)
     print(markdown(res))
