@@ -276,9 +276,10 @@ def bound_block_stats(keep: int | None = BLOCK_STATS_KEEP) -> bool:
     """Keep at most about `keep` per-block stats per Ray Data map operator on the driver.
 
     Ray Data (2.56-2.60 at least) keeps one BlockStats per output block of every operator until the dataset
-    ends (ray-project/ray#66016), so the driver grows with blocks, i.e. rows: about 3 operators x 1 block per
-    batch_size rows, ~1 KB each, some 10 GiB at 10^8 rows with 32-item batches. They only feed `ds.stats()`,
-    which the job never reads. Returns False when this Ray has no such list (then nothing is changed).
+    ends (ray-project/ray#66016), so the driver grows with blocks, i.e. rows: about 580 bytes per block and
+    operator (`python -m bench.driver_scale --block-stats 3000`), one block per unit and operator here. They
+    only feed `ds.stats()`, which the job never reads. Returns False when this Ray has no such list (then
+    nothing is changed), or when `keep` is None (Ray's own behaviour restored).
     """
     try:
         from ray.data._internal.execution.operators.map_operator import MapOperator
@@ -370,7 +371,8 @@ def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler, stats: Any = N
         # engine=openai: the GRM (and judge) actors only send HTTP requests, they hold no model
         http = cfg.engine == "openai" and (stage is not MetaScorer or cfg.meta_mode == "judge")
         remote = {"num_cpus": LIGHT_CPUS} if http else res
-        ds = ds.map_batches(_StageActor, fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg, "stats": stats, "name": name},
+        ds = ds.map_batches(_StageActor,
+                            fn_constructor_kwargs={"stage_cls": stage, "cfg": cfg, "stats": stats, "name": name},
                             batch_size=cfg.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
                                 min_size=low, max_size=high, max_concurrent_calls_per_actor=cfg.max_batches_in_flight),
