@@ -192,7 +192,7 @@ def _read_ids(batch: pa.Table, input_uri: str, endpoint: str | None) -> pa.Table
     fs, _ = storage.filesystem(input_uri, endpoint)
     path = batch.column("path")[0].as_py()
     with fs.open(path, "rb") as f:
-        col = pq.read_table(f, columns=[ID]).column(ID)
+        col = storage.read_parquet(f, columns=[ID]).column(ID)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type)):
         col = col.cast(pa.string())
     col = col.cast(pa.binary()).drop_null()
@@ -286,7 +286,7 @@ def rewrite_parts(fs: Any, parts: Iterable[str], drop: Callable[[pa.Table], pa.A
     """
     def one(path: str) -> int:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+            table = storage.read_parquet(f)
         mask = drop(table)
         n = pa.compute.sum(mask).as_py() or 0
         if not n:
@@ -446,7 +446,7 @@ def error_rows(fs: Any, out_dir: str) -> int:
             stats = col.statistics
             if stats is None or not stats.has_null_count:
                 with fs.open(path, "rb") as f:
-                    return pq.read_table(f, columns=[ERROR]).column(ERROR).count()
+                    return storage.read_parquet(f, columns=[ERROR]).column(ERROR).count()
             errs += meta.row_group(g).num_rows - stats.null_count
         return errs
 
@@ -658,7 +658,7 @@ def _part_sources(batch: pa.Table, output: str, endpoint: str | None) -> pa.Tabl
     fs, _ = storage.filesystem(output, endpoint)
     path = batch.column("path")[0].as_py()
     with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=["source"])
+        table = storage.read_parquet(f, columns=["source"])
     sources = table.column("source").to_pylist()
     keys, rows = zip(*((k, int(r)) for k, _, r in (s.rpartition("#") for s in sources))) if sources else ((), ())
     recorded = json.loads((table.schema.metadata or {}).get(RECORD_KEY, b"null"))

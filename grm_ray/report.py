@@ -80,7 +80,7 @@ def read(uri: str, limit: int | None = None) -> tuple[pa.Table, int | None]:
         with fs.open(f, "rb") as fh:
             names = pq.read_schema(fh).names
             fh.seek(0)
-            tables.append(pq.read_table(fh, columns=[c for c in COLUMNS if c in names]))
+            tables.append(storage.read_parquet(fh, columns=[c for c in COLUMNS if c in names]))
         rows += tables[-1].num_rows
     table = pa.concat_tables(tables, promote_options="default")
     return (table.slice(0, limit) if limit is not None else table), table.num_rows

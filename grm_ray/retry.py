@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import storage
 from .plan import rewrite_parts
@@ -35,7 +34,7 @@ def drop_part_errors(paths: pa.Table, cfg: Any) -> pa.Table:
     dropped = []
     for path in paths.column("path").to_pylist():
         with fs.open(path, "rb") as f:
-            probe = pq.read_table(f, columns=[ERROR, RESPONSES])
+            probe = storage.read_parquet(f, columns=[ERROR, RESPONSES])
         dropped.append(rewrite_parts(fs, [path], engine_errors) if pc.any(engine_errors(probe)).as_py() else 0)
     return pa.table({"dropped": pa.array(dropped, pa.int64())})
 

@@ -152,12 +152,22 @@ def committed_parts(fs: fsspec.AbstractFileSystem, out_dir: str) -> list[str]:
                   if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet"))
 
 
+def read_parquet(f: Any, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file from an open (fsspec) file object, read in the calling thread.
+
+    `pq.read_table` hands the Python file to Arrow's I/O and CPU thread pools; the last reference can then be
+    dropped in a pool thread while the interpreter exits, which aborts the process (PyGILState_Ensure during
+    finalisation: `grm-ray demo` exited 134 one run in three after printing its results).
+    """
+    return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+
+
 def read_committed(fs: fsspec.AbstractFileSystem, out_dir: str, columns: list[str] | None) -> pa.Table:
     """The given columns of every committed part (empty table when none), e.g. the done `source`s."""
     tables = []
     for p in committed_parts(fs, out_dir):
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+            tables.append(read_parquet(f, columns=columns))
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in columns or []})
     return pa.concat_tables(tables, promote_options="default")
@@ -190,7 +200,7 @@ def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | N
     fs, path = filesystem(uri, endpoint_url)
     if not fs.isdir(path):
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return read_parquet(f, columns=columns)
     if not committed_parts(fs, path):
         raise FileNotFoundError(f"no scored parts (part-*.parquet) under {uri}")
     return read_committed(fs, path, columns)

@@ -137,15 +137,13 @@ def _imports():
 
 def read_rows(uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Every row of the Parquet file(s) at `uri` (file, directory, glob or s3://)."""
-    import pyarrow.parquet as pq
-
-    from .storage import list_inputs
+    from .storage import list_inputs, read_parquet
 
     fs, _, files = list_inputs(uri, endpoint_url)
     rows: list[dict[str, Any]] = []
     for f in files:
         with fs.open(f["name"], "rb") as fh:
-            rows.extend(pq.read_table(fh).to_pylist())
+            rows.extend(read_parquet(fh).to_pylist())
     return rows
 
 
