@@ -97,6 +97,20 @@ class _Loop:
         """Await `coro` run on the engine's loop, from any other loop; cancelling the caller cancels it."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
+    # Blocking forms of the engines' async API (asample / arepair / ascore), for scripts, tests and bench/.
+    def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
+               seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
+        """Blocking `asample` of rendered prompt texts (encoded here)."""
+        return self._wait(self.asample(self.encode(prompts_), ns, n_responses, seeds))
+
+    def repair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
+        """Blocking `arepair`."""
+        return self._wait(self.arepair(prefix_ids, n_responses))
+
+    def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
+        """Blocking `ascore`."""
+        return self._wait(self.ascore(items))
+
 
 class _Engine(_Loop):
     """Shared plumbing: the engine's own event loop, tokenizer, rendering, exact token counts."""
@@ -256,11 +270,6 @@ class GRMEngine(_Engine):
             log.warning("vLLM aborted %d samples (finish_reason 'error'); they stay unparsed", failed)
         return result
 
-    def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
-               seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
-        """Blocking `asample` of rendered prompt texts (encoded here), for scripts and tests."""
-        return self._wait(self.asample(self.encode(prompts_), ns, n_responses, seeds))
-
     async def arepair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
         """Finish samples cut at max_tokens: greedy, forced to `parsing.repair_regex(n)`; returns the continuation.
 
@@ -281,10 +290,6 @@ class GRMEngine(_Engine):
         for i, o in zip(todo, outs):
             result[i] = _generation(o.outputs[0])
         return result
-
-    def repair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
-        """Blocking `arepair`."""
-        return self._wait(self.arepair(prefix_ids, n_responses))
 
     def prefix_cache_stats(self) -> dict[str, int]:
         """Cumulative prompt tokens looked up in / served from the prefix cache: {'queries': .., 'hits': ..}.
@@ -367,9 +372,6 @@ class MetaEngine(_Engine):
                 result[i] = lp[self.yes_id].logprob - lp[self.no_id].logprob
         return result
 
-    def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
-        """Blocking `ascore`."""
-        return self._wait(self.ascore(items))
 
 def _repair_tokens(n: int) -> int:
     """Token budget of a repair: '\\nScores: \\boxed{' (up to ~12 tokens), ~4 per score, EOS."""
@@ -489,11 +491,6 @@ class OpenAIEngine(_Loop):
 
         return list(await asyncio.gather(*(one(p, r) for p, r in zip(prefix_ids, n_responses))))
 
-    def sample(self, prompts_: Sequence[str], ns: Sequence[int], n_responses: Sequence[int],
-               seeds: Sequence[int | None] | None = None) -> list[list[Generation]]:
-        """Blocking `asample` of rendered prompt texts (scripts and tests)."""
-        return self._wait(self.asample(self.encode(prompts_), ns, n_responses, seeds))
-
 
 class OpenAIJudge(OpenAIEngine):
     """The judge meta mode on the same OpenAI-compatible server (meta_model or the GRM): logprob('yes') -
@@ -522,10 +519,6 @@ class OpenAIJudge(OpenAIEngine):
             log.warning("judge: %d of %d items got no yes/no logprobs (too long, or not offered by the server)",
                         sum(math.isnan(x) for x in result), len(result))
         return result
-
-    def score(self, items: Sequence[tuple[prompts.Conversation, Sequence[str], str]]) -> list[float]:
-        """Blocking `ascore`."""
-        return self._wait(self.ascore(items))
 
 
 def grm_engine(cfg: JobConfig) -> Any:
