@@ -1,8 +1,6 @@
 """Score the packaged HH-RLHF sample with the tiny models, then evaluate, plot and export from the CLI."""
 from __future__ import annotations
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -14,7 +12,7 @@ from grm_ray.pipeline import run
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
 
-def test_score_eval_plot_export(ray_local, tiny_cfg, tiny_models, tmp_path, hh_table):
+def test_score_eval_plot_export(ray_local, tiny_cfg, cli_json, tiny_models, tmp_path, hh_table):
     inp = tmp_path / "in"
     inp.mkdir()
     pq.write_table(hh_table.slice(0, 8), inp / "hh.parquet")
@@ -23,15 +21,13 @@ def test_score_eval_plot_export(ray_local, tiny_cfg, tiny_models, tmp_path, hh_t
     scored = storage.read_table(cfg.output)
     assert scored.num_rows == 8
     assert all(s["hinted"] for r in scored.column("samples").to_pylist() for s in r)
-    cli = CliRunner()
-
-    res = cli.invoke(app, ["eval", cfg.output, "--json", "--plot", str(tmp_path / "curves.png")])
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
+    code, report = cli_json("eval", cfg.output, "--json", "--plot", str(tmp_path / "curves.png"))
+    assert code == 0
     # a hinted run: its samples never count towards accuracy, and the report says so
     assert report["rows"] == 8 and report["hinted"] + report["input_errors"] == 8
     assert report["pairwise"] is None and report["curves"]["items"] == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cli = CliRunner()
     res = cli.invoke(app, ["eval", cfg.output, "--stability"])
     assert res.exit_code == 0 and "HINTED RUN: " in res.stdout and "Stability (winner of the first j" in res.stdout
 

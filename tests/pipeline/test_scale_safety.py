@@ -4,7 +4,6 @@ byte-bounded parts and the row-level audit. Real local Ray and the tiny GRM on v
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import shutil
 import time
@@ -12,10 +11,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 from grm_ray import plan, storage
-from grm_ray.cli import app
 from grm_ray.pipeline import JobError, _PendingWatch, engine_gpus, run
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
@@ -28,12 +25,7 @@ def dpo(n: int, tag: str) -> pa.Table:
                      "label": ["human"] * n, "rewards": [float(i) for i in range(n)], "note": [tag] * n})
 
 
-def verify(out, inp) -> tuple[int, dict]:
-    res = CliRunner().invoke(app, ["verify", str(out), "--input", str(inp)])
-    return res.exit_code, json.loads(res.stdout[:res.stdout.rindex("}") + 1])
-
-
-def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, tmp_path):
+def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, cli_json, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     (inp / "dt=1").mkdir(parents=True)
     pq.write_table(dpo(10, "a"), inp / "dt=1" / "a.parquet", row_group_size=10)  # one group, cut into units
@@ -71,7 +63,7 @@ def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, tmp_pat
     assert third["new_rows"] == 6 and third["rows"] == 9
     rows = {r["source"]: r for r in storage.read_table(str(out)).to_pylist()}
     assert rows["dt=1/a.parquet#5"]["note"] == "a2" and "dt=1/a.parquet#6" not in rows
-    code, report = verify(out, glob)
+    code, report = cli_json("verify", str(out), "--input", glob)
     assert code == 0 and report["ok"] and report["rows"] == report["input_rows"] == 9
 
     # a second writer on the same output is refused at once, naming the holder
@@ -89,14 +81,14 @@ def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, tmp_pat
     # the audit reads the rows themselves: a part copied under another name is found, and so is a lost one
     parts = storage.committed_parts(fs, out_dir)
     shutil.copy(parts[0], out / "part-copy.parquet")
-    code, report = verify(out, glob)
+    code, report = cli_json("verify", str(out), "--input", glob)
     dup = pq.read_metadata(parts[0]).num_rows
     assert code == 1 and report["duplicated_rows"] == dup and not report["ok"]
     (out / "part-copy.parquet").unlink()
     lost = pq.read_metadata(parts[-1]).num_rows
     parts_1 = pq.read_table(parts[-1])
     (out / parts[-1].rsplit("/", 1)[1]).unlink()
-    code, report = verify(out, glob)
+    code, report = cli_json("verify", str(out), "--input", glob)
     assert code == 1 and report["missing_rows"] == lost, report
     with pytest.raises(JobError, match="output check failed"):  # the job's own count check agrees
         plan.check_counts(plan.scan_inputs(cfg), plan.read_ledger(fs, out_dir))
