@@ -273,10 +273,10 @@ BLOCK_STATS_KEEP = 1000  # per Ray Data operator; None keeps Ray's behaviour (be
 
 
 def bound_block_stats(keep: int | None = BLOCK_STATS_KEEP) -> bool:
-    """Keep at most about `keep` per-block stats per Ray Data map operator on the driver.
+    """Keep at most `keep` (+1/16) per-block stats per Ray Data map operator on the driver.
 
     Ray Data (2.56-2.60 at least) keeps one BlockStats per output block of every operator until the dataset
-    ends (ray-project/ray#66016), so the driver grows with blocks, i.e. rows: about 580 bytes per block and
+    ends (ray-project/ray#66016), so the driver grows with blocks, i.e. rows: about 740 bytes per block and
     operator (`python -m bench.driver_scale --block-stats 3000`), one block per unit and operator here. They
     only feed `ds.stats()`, which the job never reads. Returns False when this Ray has no such list (then
     nothing is changed), or when `keep` is None (Ray's own behaviour restored).
@@ -296,7 +296,7 @@ def bound_block_stats(keep: int | None = BLOCK_STATS_KEEP) -> bool:
     def _get_next_inner(self):
         bundle = inner(self)
         stats = getattr(self, "_output_blocks_stats", None)
-        if isinstance(stats, list) and len(stats) > 2 * keep:
+        if isinstance(stats, list) and len(stats) > keep + keep // 16:  # trimmed back to `keep` in small steps
             del stats[:-keep]
         return bundle
 
