@@ -171,7 +171,8 @@ from grm_ray.config import JobConfig
 from bench.driver_scale import FixedSampler
 inp, out = sys.argv[1], sys.argv[2]
 batch_size, keep = int(os.environ["BENCH_BATCH_SIZE"]), os.environ["BENCH_KEEP_STATS"]
-cfg = JobConfig(input=inp, output=out, k=1, batch_size=batch_size, overwrite=True, device="cpu")
+cfg = JobConfig(input=inp, output=out, k=1, batch_size=batch_size, overwrite=True, device="cpu",
+                unit_rows=int(os.environ["BENCH_UNIT_ROWS"]))
 if keep == "all":  # the baseline: Ray Data's own per-block stats, unbounded (ray#66016)
     pipeline.BLOCK_STATS_KEEP = None
 base = rss()
@@ -291,8 +292,8 @@ def markdown(res: dict[str, Any]) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     lines = ["| what | rows | files | peak RSS MiB | over import baseline MiB | seconds | units | load (1 min) |",
              "|---|---|---|---|---|---|---|---|"]
-    for kind in ("plan", "resume", "old", "old_resume", "run", "run_ray_stats"):
-        for c, r in res["results"].get(kind, {}).items():
+    for kind, cases in res["results"].items():
+        for c, r in cases.items():
             rows, files = parse_case(c)
             if "peak_rss" not in r:
                 lines.append(f"| {kind} | {rows:.0e} | {files} | not measured: {r.get('skipped')} | | | | |")
@@ -313,6 +314,9 @@ def main() -> None:
     p.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help="ROWS:FILES cases for plan and resume")
     p.add_argument("--run", nargs="*", default=DEFAULT_RUN, help="ROWS:FILES cases for a whole run (FixedSampler)")
     p.add_argument("--run-batch-size", type=int, default=32, help="batch_size of the whole runs (the default)")
+    p.add_argument("--run-unit-rows", type=int, default=1024,
+                   help="unit_rows of the whole runs; small units give many blocks for few rows, so the "
+                        "driver's bytes per unit show in a short run (the default, 1024, is the job's)")
     p.add_argument("--run-ray-stats", action="store_true",
                    help="also run each --run case with Ray Data's per-block stats unbounded (before the cap)")
     p.add_argument("--block-stats", type=int, default=0, metavar="BLOCKS",
@@ -356,9 +360,12 @@ def main() -> None:
                 record(resume_kind, case, code, inp, write_committed(data, rows, files), path)
     for case in args.run:
         rows, files = parse_case(case)
-        for kind, keep in [("run", "bounded")] + ([("run_ray_stats", "all")] if args.run_ray_stats else []):
+        units = "" if args.run_unit_rows == 1024 else f"_units{args.run_unit_rows}"
+        for kind, keep in [("run" + units, "bounded")] + ([("run_ray_stats" + units, "all")] if args.run_ray_stats
+                                                           else []):
             record(kind, case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT,
-                   BENCH_BATCH_SIZE=str(args.run_batch_size), BENCH_KEEP_STATS=keep)
+                   BENCH_BATCH_SIZE=str(args.run_batch_size), BENCH_KEEP_STATS=keep,
+                   BENCH_UNIT_ROWS=str(args.run_unit_rows))
     if args.block_stats:  # Ray Data's per-block driver state alone: three map operators, 256-row blocks
         for keep in ("all", "1000"):
             r = measure(BLOCKS, [keep, str(args.block_stats)], ROOT, logs / f"blocks-{keep}.log")
