@@ -172,7 +172,7 @@ from bench.driver_scale import FixedSampler
 inp, out = sys.argv[1], sys.argv[2]
 batch_size, keep = int(os.environ["BENCH_BATCH_SIZE"]), os.environ["BENCH_KEEP_STATS"]
 cfg = JobConfig(input=inp, output=out, k=1, batch_size=batch_size, overwrite=True, device="cpu",
-                unit_rows=int(os.environ["BENCH_UNIT_ROWS"]))
+                unit_rows=int(os.environ["BENCH_UNIT_ROWS"]), max_units=int(os.environ["BENCH_MAX_UNITS"]))
 if keep == "all":  # the baseline: Ray Data's own per-block stats, unbounded (ray#66016)
     pipeline.BLOCK_STATS_KEEP = None
 base = rss()
@@ -317,6 +317,8 @@ def main() -> None:
     p.add_argument("--run-unit-rows", type=int, default=1024,
                    help="unit_rows of the whole runs; small units give many blocks for few rows, so the "
                         "driver's bytes per unit show in a short run (the default, 1024, is the job's)")
+    p.add_argument("--run-max-units", type=int, default=20_000,
+                   help="max_units of the whole runs (the job's default: 20000)")
     p.add_argument("--run-ray-stats", action="store_true",
                    help="also run each --run case with Ray Data's per-block stats unbounded (before the cap)")
     p.add_argument("--block-stats", type=int, default=0, metavar="BLOCKS",
@@ -360,12 +362,13 @@ def main() -> None:
                 record(resume_kind, case, code, inp, write_committed(data, rows, files), path)
     for case in args.run:
         rows, files = parse_case(case)
-        units = "" if args.run_unit_rows == 1024 else f"_units{args.run_unit_rows}"
+        units = ("" if args.run_unit_rows == 1024 else f"_units{args.run_unit_rows}") + (
+            "" if args.run_max_units == 20_000 else f"_max{args.run_max_units}")
         for kind, keep in [("run" + units, "bounded")] + ([("run_ray_stats" + units, "all")] if args.run_ray_stats
                                                            else []):
             record(kind, case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT,
                    BENCH_BATCH_SIZE=str(args.run_batch_size), BENCH_KEEP_STATS=keep,
-                   BENCH_UNIT_ROWS=str(args.run_unit_rows))
+                   BENCH_UNIT_ROWS=str(args.run_unit_rows), BENCH_MAX_UNITS=str(args.run_max_units))
     if args.block_stats:  # Ray Data's per-block driver state alone: three map operators, 256-row blocks
         for keep in ("all", "1000"):
             r = measure(BLOCKS, [keep, str(args.block_stats)], ROOT, logs / f"blocks-{keep}.log")

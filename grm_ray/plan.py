@@ -17,6 +17,7 @@ import concurrent.futures
 import errno
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -316,7 +317,7 @@ def rows_of_files(keys: set[str]) -> Callable[[pa.Table], pa.Array]:
 @dataclass
 class Plan:
     inputs: Inputs
-    units: list[dict[str, Any]]     # (file, start, stop) with work left, at most cfg.unit_rows rows each
+    units: list[dict[str, Any]]     # (file, start, stop) with work left, at most cfg.unit_rows rows each (see make_plan)
     skipped_rows: int               # already committed by an earlier run
     rescore: list[str]              # keys of changed files whose committed rows are to be dropped first
     orphans: dict[str, int]         # committed rows whose file (or row) the input no longer has
@@ -349,22 +350,24 @@ def orphans(inputs: Inputs, led: Ledger) -> dict[str, int]:
 
 
 def make_plan(cfg: JobConfig, inputs: Inputs, led: Ledger) -> Plan:
-    """Units of work: each file's rows minus its committed ranges, cut into at most cfg.unit_rows rows."""
+    """Units of work: each file's rows minus its committed ranges, cut into at most cfg.unit_rows rows (more
+    when the rows to score exceed cfg.max_units x cfg.unit_rows)."""
     changed = changed_files(inputs, led)
     if changed and not cfg.rescore_changed:
         names = ", ".join(f.key for f in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise JobError(f"input file(s) changed since their rows were scored: {names} (size, ETag or mtime differ); "
                        "pass --rescore-changed to drop their old labels and score them again, or restore the files")
     rescore = {f.key for f in changed}
-    units, skipped = [], 0
+    spans, skipped = [], 0
     for f in inputs.files:
         done = [] if f.key in rescore else led.ranges.get(f.key, [])
         skipped += sum(min(b, f.rows) - a for a, b in done if a < f.rows)
-        for start, stop in _within_groups(_gaps(done, f.rows), f.groups):
-            for a in range(start, stop, cfg.unit_rows):
-                units.append({"path": f.path, "key": f.key, "start": a, "stop": min(stop, a + cfg.unit_rows),
-                              "groups": list(f.groups), "fmt": f.fmt, "file_error": f.error,
-                              "renames": f.renames})
+        spans += [(f, start, stop) for start, stop in _within_groups(_gaps(done, f.rows), f.groups)]
+    # a bounded number of units: each is a Ray Data block, with driver state of its own for the whole run
+    size = max(cfg.unit_rows, math.ceil(sum(b - a for _, a, b in spans) / cfg.max_units))
+    units = [{"path": f.path, "key": f.key, "start": a, "stop": min(stop, a + size), "groups": list(f.groups),
+              "fmt": f.fmt, "file_error": f.error, "renames": f.renames}
+             for f, start, stop in spans for a in range(start, stop, size)]
     return Plan(inputs=inputs, units=units, skipped_rows=skipped, rescore=sorted(rescore),
                 orphans=orphans(inputs, led))
 

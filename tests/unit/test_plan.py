@@ -1,6 +1,7 @@
 """Planning, the part ledger, leases and input listing (plan.py, storage.py) on real files, without Ray."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -87,6 +88,21 @@ def test_units_are_bounded_in_rows_and_skip_committed_ranges(tmp_path):
                      ("big.parquet", 27, 34), ("big.parquet", 34, 40), ("small.parquet", 0, 1),
                      ("small.parquet", 2, 3)]
     assert p.skipped_rows == 11 and p.total_rows == 43
+
+
+def test_units_grow_past_max_units_and_still_cover_every_row_once(tmp_path):
+    """A run plans at most max_units units (each a Ray Data block with driver state of its own): past
+    max_units x unit_rows rows the units grow, files and row groups still bounding them."""
+    for i, rows in enumerate([50, 7, 23]):
+        write(tmp_path / "in" / f"f{i}.parquet", rows, row_group_size=30)
+    cfg = cfg_for(tmp_path / "in", unit_rows=4, max_units=10)
+    p = plan.make_plan(cfg, plan.scan_inputs(cfg), plan.Ledger(ranges={"f0.parquet": [[0, 10]]}))
+    size = -(-(40 + 7 + 23) // 10)  # 70 rows to score over 10 units: 7 rows each, not 4
+    assert all(u["stop"] - u["start"] <= size for u in p.units) and len(p.units) <= 10 + 4  # + file/group ends
+    rows = collections.Counter((u["key"], r) for u in p.units for r in range(u["start"], u["stop"]))
+    assert set(rows.values()) == {1} and len(rows) == 70 and ("f0.parquet", 9) not in rows
+    small = plan.make_plan(cfg.model_copy(update={"max_units": 1000}), plan.scan_inputs(cfg), plan.Ledger())
+    assert max(u["stop"] - u["start"] for u in small.units) == 4  # under the cap, unit_rows rules
 
 
 def test_units_never_span_two_row_groups(tmp_path):
