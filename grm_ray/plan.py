@@ -317,7 +317,7 @@ def rows_of_files(keys: set[str]) -> Callable[[pa.Table], pa.Array]:
 @dataclass
 class Plan:
     inputs: Inputs
-    units: list[dict[str, Any]]     # (file, start, stop) with work left, at most cfg.unit_rows rows each (see make_plan)
+    units: list[dict[str, Any]]     # (file, start, stop) with work left, at most cfg.unit_rows rows (see make_plan)
     skipped_rows: int               # already committed by an earlier run
     rescore: list[str]              # keys of changed files whose committed rows are to be dropped first
     orphans: dict[str, int]         # committed rows whose file (or row) the input no longer has
