@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from grm_ray.config import JobConfig
 from grm_ray.stages import GRMSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ ROWS_PER_GROUP = 100_000  # pyarrow's default is up to 1M rows per group; smalle
 
 DEFAULT_CASES = ["1e5:100", "1e6:100", "1e7:100", "1e6:10000", "1e7:10000"]
 DEFAULT_RUN = ["1e5:100"]
+JOB_DEFAULTS = {name: JobConfig.model_fields[name].default for name in ("unit_rows", "max_units")}
 DEFAULT_OLD = ["1e5:100", "1e6:100", "1e6:10000"]
 
 
@@ -92,7 +94,6 @@ def write_committed(data: Path, rows: int, files: int, rows_per_part: int = 4096
     import pyarrow as pa
 
     from grm_ray import plan, storage
-    from grm_ray.config import JobConfig
 
     out = data / f"out-resume-{rows}-{files}"
     if (out / ".done").exists():
@@ -314,11 +315,11 @@ def main() -> None:
     p.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help="ROWS:FILES cases for plan and resume")
     p.add_argument("--run", nargs="*", default=DEFAULT_RUN, help="ROWS:FILES cases for a whole run (FixedSampler)")
     p.add_argument("--run-batch-size", type=int, default=32, help="batch_size of the whole runs (the default)")
-    p.add_argument("--run-unit-rows", type=int, default=1024,
+    p.add_argument("--run-unit-rows", type=int, default=JOB_DEFAULTS["unit_rows"],
                    help="unit_rows of the whole runs; small units give many blocks for few rows, so the "
-                        "driver's bytes per unit show in a short run (the default, 1024, is the job's)")
-    p.add_argument("--run-max-units", type=int, default=20_000,
-                   help="max_units of the whole runs (the job's default: 20000)")
+                        "driver's bytes per unit show in a short run (default: the job's)")
+    p.add_argument("--run-max-units", type=int, default=JOB_DEFAULTS["max_units"],
+                   help="max_units of the whole runs (default: the job's)")
     p.add_argument("--run-ray-stats", action="store_true",
                    help="also run each --run case with Ray Data's per-block stats unbounded (before the cap)")
     p.add_argument("--block-stats", type=int, default=0, metavar="BLOCKS",
@@ -362,8 +363,8 @@ def main() -> None:
                 record(resume_kind, case, code, inp, write_committed(data, rows, files), path)
     for case in args.run:
         rows, files = parse_case(case)
-        units = ("" if args.run_unit_rows == 1024 else f"_units{args.run_unit_rows}") + (
-            "" if args.run_max_units == 20_000 else f"_max{args.run_max_units}")
+        units = ("" if args.run_unit_rows == JOB_DEFAULTS["unit_rows"] else f"_units{args.run_unit_rows}") + (
+            "" if args.run_max_units == JOB_DEFAULTS["max_units"] else f"_max{args.run_max_units}")
         for kind, keep in [("run" + units, "bounded")] + ([("run_ray_stats" + units, "all")] if args.run_ray_stats
                                                            else []):
             record(kind, case, RUN_NEW, write_inputs(data, rows, files), data / f"out-run-{rows}-{files}", ROOT,
