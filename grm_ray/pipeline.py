@@ -51,7 +51,7 @@ def read_units(units: pa.Table, cfg: JobConfig, passthrough: pa.Schema,
     for u in units.to_pylist():
         fs, _ = storage.filesystem(cfg.input, cfg.s3_endpoint_url)
         with fs.open(u["path"], "rb") as f:
-            for first, table in _row_range(pq.ParquetFile(f), u["groups"], u["start"], u["stop"], chunk):
+            for first, table in _row_range(pq.ParquetFile(f), u["group"], u["start"], u["stop"], chunk):
                 if u["renames"]:
                     table = table.rename_columns([u["renames"].get(c, c) for c in table.column_names])
                 out = normalize(table, u["key"], range(first, first + table.num_rows), u["fmt"],
@@ -59,21 +59,18 @@ def read_units(units: pa.Table, cfg: JobConfig, passthrough: pa.Schema,
                 yield _conform(out, passthrough)
 
 
-def _row_range(pf: pq.ParquetFile, groups: list[int], start: int, stop: int,
+def _row_range(pf: pq.ParquetFile, group: tuple[int, int], start: int, stop: int,
                chunk: int) -> Iterator[tuple[int, pa.Table]]:
-    """Rows [start, stop) of a file as (first row, table) chunks of at most `chunk` rows."""
-    first = 0
-    for g, n in enumerate(groups):
-        if first + n > start and first < stop:
-            at = first
-            for batch in pf.iter_batches(batch_size=chunk, row_groups=[g]):
-                lo, hi = max(start, at), min(stop, at + batch.num_rows)
-                if lo < hi:
-                    yield lo, pa.Table.from_batches([batch.slice(lo - at, hi - lo)])
-                at += batch.num_rows
-                if at >= stop:
-                    break
-        first += n
+    """Rows [start, stop) of a file, all within row group `group` = (index, its first row), as (first row,
+    table) chunks of at most `chunk` rows."""
+    g, at = group
+    for batch in pf.iter_batches(batch_size=chunk, row_groups=[g]):
+        lo, hi = max(start, at), min(stop, at + batch.num_rows)
+        if lo < hi:
+            yield lo, pa.Table.from_batches([batch.slice(lo - at, hi - lo)])
+        at += batch.num_rows
+        if at >= stop:
+            break
 
 
 def _conform(table: pa.Table, passthrough: pa.Schema) -> pa.Table:

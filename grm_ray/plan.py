@@ -362,22 +362,28 @@ def make_plan(cfg: JobConfig, inputs: Inputs, led: Ledger) -> Plan:
     for f in inputs.files:
         done = [] if f.key in rescore else led.ranges.get(f.key, [])
         skipped += sum(min(b, f.rows) - a for a, b in done if a < f.rows)
-        spans += [(f, start, stop) for start, stop in _within_groups(_gaps(done, f.rows), f.groups)]
+        spans += [(f, group, start, stop) for group, start, stop in _within_groups(_gaps(done, f.rows), f.groups)]
     # a bounded number of units: each is a Ray Data block, with driver state of its own for the whole run
-    size = max(cfg.unit_rows, math.ceil(sum(b - a for _, a, b in spans) / cfg.max_units))
-    units = [{"path": f.path, "key": f.key, "start": a, "stop": min(stop, a + size), "groups": list(f.groups),
+    size = max(cfg.unit_rows, math.ceil(sum(b - a for _, _, a, b in spans) / cfg.max_units))
+    units = [{"path": f.path, "key": f.key, "start": a, "stop": min(stop, a + size), "group": group,
               "fmt": f.fmt, "file_error": f.error, "renames": f.renames}
-             for f, start, stop in spans for a in range(start, stop, size)]
+             for f, group, start, stop in spans for a in range(start, stop, size)]
     return Plan(inputs=inputs, units=units, skipped_rows=skipped, rescore=sorted(rescore),
                 orphans=orphans(inputs, led))
 
 
-def _within_groups(spans: list[tuple[int, int]], groups: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Cut row spans at row-group boundaries: a unit never spans two groups, so small groups stay one unit
-    each (a block, a task, a commit of their own downstream) and only big groups are split."""
-    out, first = [], 0
-    for n in groups:
-        out += [(max(a, first), min(b, first + n)) for a, b in spans if a < first + n and b > first]
+def _within_groups(spans: list[tuple[int, int]], groups: tuple[int, ...]) -> list[tuple[tuple[int, int], int, int]]:
+    """Cut row spans at row-group boundaries into ((group index, its first row), start, stop): a unit never
+    spans two groups, so small groups stay one unit each (a block, a task, a commit of their own downstream),
+    only big groups are split, and a unit names its one group instead of carrying the file's group list."""
+    out, first, i = [], 0, 0
+    for g, n in enumerate(groups):  # spans are sorted and disjoint: one pass over both
+        while i < len(spans) and spans[i][1] <= first:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] < first + n:
+            out.append(((g, first), max(spans[j][0], first), min(spans[j][1], first + n)))
+            j += 1
         first += n
     return out
 

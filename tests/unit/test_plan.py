@@ -113,6 +113,32 @@ def test_units_never_span_two_row_groups(tmp_path):
     assert [(u["start"], u["stop"]) for u in p.units] == [(0, 2), (5, 8), (8, 10)]
 
 
+def test_units_read_back_every_uncommitted_row_once_from_many_row_groups(tmp_path):
+    """A unit names its one row group (not the file's whole group list, which would copy a 1,000-group
+    file's list into each of its units on the driver); read_units reads exactly its rows from it."""
+    from grm_ray import pipeline
+
+    sizes = [3, 1, 250, 2] + [5] * 40  # small groups, one big group split into units, many groups
+    tables = [pa.table({"prompt": [f"q{sum(sizes[:g]) + i}" for i in range(n)], "chosen": ["a"] * n,
+                        "rejected": ["b"] * n}) for g, n in enumerate(sizes)]
+    (tmp_path / "in").mkdir()
+    with pq.ParquetWriter(tmp_path / "in" / "g.parquet", tables[0].schema) as w:
+        for t in tables:
+            w.write_table(t)
+    cfg = cfg_for(tmp_path / "in", unit_rows=64, batch_size=4)
+    inputs = plan.scan_inputs(cfg)
+    assert inputs.files[0].groups == tuple(sizes)
+    done = [[2, 5], [100, 130], [300, 301]]
+    p = plan.make_plan(cfg, inputs, plan.Ledger(ranges={"g.parquet": done}))
+    assert all(set(u) >= {"group"} and "groups" not in u for u in p.units)
+    seen = []
+    for u in p.units:
+        for t in pipeline.read_units(pa.Table.from_pylist([u]), cfg, inputs.passthrough, frozenset()):
+            seen += [(s, q) for s, q in zip(t.column("source").to_pylist(), t.column("prompt").to_pylist())]
+    want = [r for r in range(sum(sizes)) if not any(a <= r < b for a, b in done)]
+    assert seen == [(f"g.parquet#{r}", f"q{r}") for r in want]
+
+
 def test_ledger_counts_detect_missing_duplicated_and_orphaned_rows(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     write(inp / "a.parquet", 4)
