@@ -179,7 +179,7 @@ class GRMSampler:
         first = self._first_round(n, size, rounds)
         drawn = 0
         while True:
-            count = min(size if drawn else first, cfg.k - drawn)
+            count = self._next_round(out, drawn, size) if drawn else min(first, cfg.k)
             orders = prompts.orderings(n, count, seed=item_seed(cfg.seed, row[ID]), start=drawn)
             ids = self.engine.encode([self._prompt(row, order) for order, _ in orders])  # tokenised once
             if self._too_long(ids, out):
@@ -200,6 +200,19 @@ class GRMSampler:
         if self.cfg.adaptive == "off" or n < 2:
             return self.cfg.k
         return min(self.cfg.k, n)
+
+    def _next_round(self, item: Row, drawn: int, size: int) -> int:
+        """Samples in an item's next round. Exact: the fewest whole rounds after which the lead could pass
+        9 x the samples still to come, even if every new sample were as lopsided as possible, so the rule
+        is asked only where it could stop. The decisions are the ones of rounds of `size`, in fewer, larger
+        calls: an item's rounds run one after another, and each one waits for its slowest sample."""
+        remaining = self.cfg.k - drawn
+        if self.cfg.adaptive != "exact":
+            return min(size, remaining)
+        valid = [s["scores"] for s in item[SAMPLES] if s["valid"]]
+        lead = voting.lead([sum(col) for col in zip(*valid)]) if valid else 0
+        fewest = int((voting.MAX_SWING * remaining - lead) // (2 * voting.MAX_SWING)) + 1  # lead + 9m > 9(rem - m)
+        return min(remaining, max(size, -(-fewest // size) * size))
 
     def _first_round(self, n: int, size: int, rounds: int) -> int:
         """Samples in an item's first round: the fewest (whole rounds) at which the rule could stop at all,

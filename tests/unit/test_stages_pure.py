@@ -476,6 +476,17 @@ def test_adaptive_rounds_continue_the_balanced_cycle():
         {tuple(o): c for o, c in orderings(3, 7, seed=item_seed(0, "r"))}
 
 
+def test_adaptive_exact_rounds_are_the_fewest_that_could_stop_and_stop_where_rounds_of_n_would():
+    """A lead of 1 per sample at k=32: rounds of 2 would stop after 30 samples (30 > 9 x 2), in 7 rounds; the
+    rounds are sized to the next point where the lead could pass 9 x remaining, so the same stop takes 4."""
+    engine = FakeGRM(scorer=lambda r, j, p: 6 if r == "a" else 5)
+    out = GRMSampler(cfg(k=32, adaptive="exact"), engine)([item("r", ["a", "b"])])[0][S.SAMPLES]
+    stepwise = next(t for t in range(18, 33, 2) if t > 9 * (32 - t))  # lead t after t samples
+    assert len(out) == stepwise == 30
+    assert [sum(ns) for _, ns, _ in engine.calls] == [18, 8, 2, 2]
+    assert all(s["scores"] == [6, 5] for s in out)
+
+
 def test_orders_repeat_on_rerun_and_adaptive_rounds_draw_the_full_runs_orders():
     """Sample t of an item has the order prompts.sample_order(n, item seed, t), whatever the batching, the
     rerun or the adaptive rounds; with k=1 the input order is not always the one shown."""
