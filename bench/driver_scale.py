@@ -49,23 +49,30 @@ DEFAULT_OLD = ["1e5:100", "1e6:100", "1e6:10000"]
 
 
 def parse_case(s: str) -> tuple[int, int]:
-    rows, _, files = s.partition(":")
+    rows, files = (s.split(":") + [""])[:2]
     return int(float(rows)), int(float(files or 100))
 
 
-def case_dir(data: Path, rows: int, files: int) -> Path:
-    return data / f"in-{rows}-{files}"
+def group_rows(s: str) -> int:
+    """A case's rows per row group: ROWS:FILES:GROUP_ROWS, default ROWS_PER_GROUP."""
+    parts = s.split(":")
+    return int(float(parts[2])) if len(parts) > 2 else ROWS_PER_GROUP
+
+
+def case_dir(data: Path, rows: int, files: int, groups: int = ROWS_PER_GROUP) -> Path:
+    return data / (f"in-{rows}-{files}" + ("" if groups == ROWS_PER_GROUP else f"-g{groups}"))
 
 
 # ---- inputs and committed parts ---------------------------------------------------------------------------
 
-def write_inputs(data: Path, rows: int, files: int) -> Path:
-    """R rows of DPO preference data over F Parquet files (written once; a `.done` marker says complete)."""
+def write_inputs(data: Path, rows: int, files: int, groups: int = ROWS_PER_GROUP) -> Path:
+    """R rows of DPO preference data over F Parquet files in row groups of `groups` rows (written once; a
+    `.done` marker says complete)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    d = case_dir(data, rows, files)
+    d = case_dir(data, rows, files, groups)
     if (d / ".done").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
@@ -83,22 +90,22 @@ def write_inputs(data: Path, rows: int, files: int) -> Path:
             "chosen": join("The answer for row ", r, " is computed step by step."),
             "rejected": join("I think row ", r, " has no answer."),
         })
-        pq.write_table(table, d / f"part-{i:05d}.parquet", row_group_size=ROWS_PER_GROUP)
+        pq.write_table(table, d / f"part-{i:05d}.parquet", row_group_size=groups)
     (d / ".done").write_text(json.dumps({"rows": rows, "files": files, "seconds": round(time.time() - t0, 1)}))
     return d
 
 
-def write_committed(data: Path, rows: int, files: int, rows_per_part: int = 4096) -> Path:
+def write_committed(data: Path, rows: int, files: int, groups: int = ROWS_PER_GROUP, rows_per_part: int = 4096) -> Path:
     """An output holding committed parts for the first half of each file's rows, as a run interrupted midway
     would leave it (parts of rows_per_part rows, one job record)."""
     import pyarrow as pa
 
     from grm_ray import plan, storage
 
-    out = data / f"out-resume-{rows}-{files}"
+    out = data / ("out-" + case_dir(data, rows, files, groups).name.replace("in-", "resume-", 1))
     if (out / ".done").exists():
         return out
-    inp = write_inputs(data, rows, files)
+    inp = write_inputs(data, rows, files, groups)
     cfg = JobConfig(input=str(inp), output=str(out))
     inputs = plan.scan_inputs(cfg)
     prints = {f.key: f.fingerprint for f in inputs.files}
@@ -184,11 +191,17 @@ for attempt in range(3):  # a raylet may miss Ray's fixed 30 s start-up wait on 
     except Exception as e:
         import ray; ray.shutdown(); print('ray start-up failed, retrying:', e, file=sys.stderr)
 ray_base, t0 = rss(), time.time()
+trace, done = [], threading.Event()
+def sample():  # RSS in MiB every 3 s: what is held at the start (read-ahead) vs what accumulates per unit
+    while not done.wait(3):
+        trace.append((round(time.time() - t0), rss() >> 20))
+threading.Thread(target=sample, daemon=True).start()
 pipeline.build = functools.partial(pipeline.build, grm_stage=FixedSampler)
 s = pipeline.run(cfg)
+done.set()
 print(json.dumps({"base_rss": base, "after_ray_init_rss": ray_base, "peak_rss": peak(),
                   "seconds": round(time.time() - t0, 2), "rows": s["rows"], "parts": s["parts"],
-                  "new_rows": s["new_rows"]}))
+                  "new_rows": s["new_rows"], "rss_trace_mib": trace[::max(1, len(trace) // 40)]}))
 """
 
 BLOCKS = _PRELUDE + """
@@ -312,7 +325,12 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/tmp/grm-driver-scale", help="where inputs and outputs are written (reused)")
-    p.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help="ROWS:FILES cases for plan and resume")
+    p.add_argument("--cases", nargs="*", default=DEFAULT_CASES,
+                   help="ROWS:FILES[:GROUP_ROWS] cases for plan and resume (GROUP_ROWS: rows per row group, "
+                        "default 100000; such cases are reported as their own kind, plan_groupsN)")
+    p.add_argument("--src", default=None, metavar="DIR",
+                   help="measure the --cases plans with the grm_ray of this checkout (a `git worktree` of an "
+                        "earlier commit, from plan.py on), reported as kind@DIRNAME: a before/after pair")
     p.add_argument("--run", nargs="*", default=DEFAULT_RUN, help="ROWS:FILES cases for a whole run (FixedSampler)")
     p.add_argument("--run-batch-size", type=int, default=32, help="batch_size of the whole runs (the default)")
     p.add_argument("--run-unit-rows", type=int, default=JOB_DEFAULTS["unit_rows"],
@@ -351,16 +369,21 @@ def main() -> None:
 
     import shutil
 
-    for (fresh_kind, resume_kind), cases, code, path in [(("plan", "resume"), args.cases, PLAN_NEW, ROOT),
+    src = Path(args.src) if args.src else ROOT
+    at = f"@{src.name}" if args.src else ""
+    for (fresh_kind, resume_kind), cases, code, path in [(("plan", "resume"), args.cases, PLAN_NEW, src),
                                                           (("old", "old_resume"), args.old, PLAN_OLD, old)]:
         for case in cases:
             rows, files = parse_case(case)
-            inp = write_inputs(data, rows, files)
-            fresh = data / f"out-{fresh_kind}-{rows}-{files}"
+            g = group_rows(case)
+            kinds = [k + ("" if g == ROWS_PER_GROUP else f"_groups{g}") + (at if code is PLAN_NEW else "")
+                     for k in (fresh_kind, resume_kind)]
+            inp = write_inputs(data, rows, files, g)
+            fresh = data / f"out-{kinds[0]}-{rows}-{files}"
             shutil.rmtree(fresh, ignore_errors=True)
-            record(fresh_kind, case, code, inp, fresh, path)
+            record(kinds[0], case, code, inp, fresh, path)
             if not args.no_resume:
-                record(resume_kind, case, code, inp, write_committed(data, rows, files), path)
+                record(kinds[1], case, code, inp, write_committed(data, rows, files, g), path)
     for case in args.run:
         rows, files = parse_case(case)
         units = ("" if args.run_unit_rows == JOB_DEFAULTS["unit_rows"] else f"_units{args.run_unit_rows}") + (

@@ -199,7 +199,8 @@ def render(r: dict[str, Any]) -> str:
     if ad:
         s, lv = ad["settings"], ad["live"]
         out += ["### 3. Adaptive sampling", "",
-                f"{s['items']} items (pairs), k={s['k']}, max_tokens {s['max_tokens']}, structured, model `{s['model']}`, "
+                f"{s['items']} items (pairs), k={s['k']}, max_tokens {s['max_tokens']}, "
+                f"{'structured' if s.get('structured', True) else 'free decoding'}, model `{s['model']}`, "
                 f"one engine, no Ray; valid samples {ad['valid_share_full']:.0%}; most common score pairs "
                 f"{ad['score_patterns_top'][:5]}.", "",
                 "| live run | samples | generated tokens | seconds | engine CPU s |", "|---|---|---|---|---|",
