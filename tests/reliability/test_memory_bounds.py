@@ -71,7 +71,8 @@ class Poller(threading.Thread):
                     continue
                 total += mem.uss
                 self.rss[pid] = max(self.rss.get(pid, 0), mem.rss)
-                self.names[pid] = name.strip()
+                if name.strip() or pid not in self.names:  # an exiting process reads as "": keep its name
+                    self.names[pid] = name.strip()
             self.total_uss = max(self.total_uss, total)
             self.samples += 1
             time.sleep(0.25)
