@@ -1,11 +1,10 @@
 """Session fixtures: the tiny models, a JobConfig factory for them, and the engines (started once each).
 
-Engines run in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0): no engine-core / worker processes to
-spawn, about 10 s less per engine on CPU, and Ray workers started from here inherit the setting.
+Engines are started once per session and shared: each is vLLM's AsyncLLM, whose engine core is a child
+process (about 10 s of start-up on CPU).
 """
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
