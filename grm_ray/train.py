@@ -136,15 +136,17 @@ def _imports():
 
 
 def read_rows(uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
-    """Every row of the Parquet file(s) at `uri` (file, directory, glob or s3://)."""
+    """Every row of the Parquet file(s) at `uri` (file, directory, glob or s3://), files read in parallel."""
+    from .plan import parallel
     from .storage import list_inputs, read_parquet
 
     fs, _, files = list_inputs(uri, endpoint_url)
-    rows: list[dict[str, Any]] = []
-    for f in files:
+
+    def one(f: dict[str, Any]) -> Any:
         with fs.open(f["name"], "rb") as fh:
-            rows.extend(read_parquet(fh).to_pylist())
-    return rows
+            return read_parquet(fh)
+
+    return [row for table in parallel(one, files) for row in table.to_pylist()]
 
 
 def _need(rows: list[dict[str, Any]], columns: tuple[str, ...], uri: str, made_by: str) -> None:

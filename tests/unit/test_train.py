@@ -101,3 +101,15 @@ def test_cli_needs_a_base_model_and_names_bad_data(tmp_path):
     assert res.exit_code == 2 and "cannot load the base model" in res.output and "nomodel" in res.output
     res = cli.invoke(app, ["train", "rft", "d", "o", "--base", "m", "--beta", "0.1"])
     assert res.exit_code != 0  # grpo-only options are not offered by the other recipes
+
+
+def test_read_rows_gives_every_row_of_every_file_in_file_order(tmp_path):
+    from grm_ray.train import read_rows
+
+    for i in range(5):  # files read on a thread pool; rows must still come back whole and in file order
+        pq.write_table(pa.table({"prompt": [f"q{i}-{j}" for j in range(3)], "completion": ["c"] * 3}),
+                       tmp_path / f"part-{i:02d}.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    rows = read_rows(str(tmp_path))
+    assert [r["prompt"] for r in rows] == [f"q{i}-{j}" for i in range(5) for j in range(3)]
+    assert read_rows(str(tmp_path / "part-03.parquet"))[0] == {"prompt": "q3-0", "completion": "c"}
