@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import functools
 import json
 import logging
 import math
@@ -427,8 +428,15 @@ def check_previous_job(cfg: JobConfig, fs: Any, out_dir: str) -> None:
             fs.rm(doomed)  # one call: s3fs deletes in batches of 1000 keys
     previous = storage.read_json(fs, job_path)
     if previous:
-        changed = {k: (v, cfg.public().get(k)) for k, v in previous["config"].items()
-                   if k in RESULT_KEYS and cfg.public().get(k) != v}
+        now = cfg.public()
+
+        def same(k: str, before: Any) -> bool:  # an input is compared by its key root, not its spelling
+            if k == "input" and isinstance(before, str):
+                root = functools.partial(storage.input_root, endpoint_url=cfg.s3_endpoint_url)
+                return root(before) == root(cfg.input)
+            return now.get(k) == before
+
+        changed = {k: (v, now.get(k)) for k, v in previous["config"].items() if k in RESULT_KEYS and not same(k, v)}
         if changed:
             diff = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
             raise JobError(f"output {cfg.output} holds results of a different job ({diff}); "

@@ -80,6 +80,15 @@ def _fixed_prefix(pattern: str) -> str:
     return "/".join(parts[:fixed])
 
 
+def input_root(uri_: str, endpoint_url: str | None = None) -> str:
+    """What an input URI's row keys are relative to, without listing anything: 'in', 'in/', './in' and the
+    absolute path are one input, and so are 'd/dt=*' and 'd/dt=*/*.parquet' (both keyed under 'd')."""
+    fs, path = filesystem(uri_, endpoint_url)
+    path = posixpath.normpath(path.rstrip("/"))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{_fixed_prefix(path) if any(c in path for c in '*?[') else path}"
+
+
 def list_inputs(uri_: str, endpoint_url: str | None = None
                 ) -> tuple[fsspec.AbstractFileSystem, str, list[dict[str, Any]]]:
     """Input Parquet files of a file, directory (recursively) or glob: (fs, root, file infos sorted by name).

@@ -290,3 +290,20 @@ def test_s3_listing_keys_and_fingerprints(s3_endpoint):
         pq.write_table(pa.table({"prompt": ["other"], "chosen": ["a"], "rejected": ["b"]}), f)
     after = plan.scan_inputs(cfg).files[0].fingerprint
     assert before != after and before.split(":")[0].isdigit()
+
+
+def test_the_same_input_spelled_another_way_resumes_and_another_input_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "in1" / "a.parquet", 2)
+    write(tmp_path / "g" / "dt=1" / "a.parquet", 2)
+    out = tmp_path / "out"
+    fs, out_dir = storage.filesystem(str(out))
+    fs.makedirs(out_dir, exist_ok=True)
+    for before, now in [("in1", "in1/"), ("in1", "./in1"), ("in1", str(tmp_path / "in1")),
+                        ("g/dt=*", "g/dt=*/*.parquet"), ("g/dt=*", "g")]:
+        storage.write_json(fs, f"{out_dir}/{storage.JOB_FILE}", {"config": cfg_for(before, out).public()})
+        plan.check_previous_job(cfg_for(now, out), fs, out_dir)  # one key space: resumes
+    with pytest.raises(plan.JobError, match=r"input: 'g/dt=\*' before, 'in1' now.*--overwrite"):
+        plan.check_previous_job(cfg_for("in1", out), fs, out_dir)
+    with pytest.raises(plan.JobError, match=r"k: 8 before, 4 now"):
+        plan.check_previous_job(cfg_for("g", out, k=4), fs, out_dir)
