@@ -277,7 +277,10 @@ def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As
     if tokenizer:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as e:  # a missing path reads as a bad hub id: say what was given
+            raise _fail(f"--tokenizer {tokenizer}: cannot load a tokenizer there ({str(e).splitlines()[0]})") from None
     _export(out, export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
             fallback=chat_fallback)
 

@@ -448,7 +448,7 @@ def format_report(report: dict[str, Any]) -> str:
     r, pb = report, report["position_bias"]
     lines = [
         "Figures in percent (AUC x 100).",
-        f"Rows {r['rows']}: errors {r['errors']}, of which unreadable input {r['input_errors']} (excluded); "
+        f"Rows {r['rows']}: errors {r['errors']}, of which input errors {r['input_errors']} (excluded); "
         f"unlabelled {r['unlabelled']}; labelled without a valid sample {r['unscored']} (counted: wrong under "
         "accuracy, a tie of all responses under the random tie-break)",
         _acc_line("Pairwise (n=2)", r["pairwise"]),

@@ -103,14 +103,18 @@ def scan_inputs(cfg: JobConfig) -> Inputs:
         f.groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
         f.rows = sum(f.groups)
         f.fmt, f.error = _format(cfg, schema.names, f.key)
-        f.renames = input_renames(schema.names, f.fmt)
         return f, schema, None
 
+    found = parallel(footer, infos)
+    # renames are decided over every file's columns, so a column keeps one output name across the input
+    names = set().union(*(schema.names for _, schema, why in found if not why))
+    renames = {fmt: input_renames(names, fmt) for fmt in {f.fmt for f, _, why in found if not why}}
     files, bad, schemas, id_files = [], {}, {}, []
-    for f, schema, why in parallel(footer, infos):
+    for f, schema, why in found:
         if why:
             bad[f.key] = why
             continue
+        f.renames = {k: v for k, v in renames[f.fmt].items() if k in schema.names}
         files.append(f)
         if ID in schema.names:
             id_files.append(f.path)

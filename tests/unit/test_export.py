@@ -239,3 +239,15 @@ def test_meta_uses_the_tokenizer_chat_template():
 
     row = export_meta(scored(rft_items()[3:4]), tokenizer=Tok()).to_pylist()[0]
     assert row["text"].startswith("<user>Please score the responses.") and row["text"].endswith("|<assistant>good")
+
+
+def test_export_meta_names_a_tokenizer_it_cannot_load(tmp_path):
+    from typer.testing import CliRunner
+
+    from grm_ray.cli import app
+
+    pq.write_table(scored(pair_items()), tmp_path / "scored.parquet")
+    res = CliRunner().invoke(app, ["export-meta", str(tmp_path / "scored.parquet"), str(tmp_path / "out"),
+                                   "--tokenizer", str(tmp_path / "no-such-model")])
+    assert res.exit_code == 2 and "--tokenizer" in res.output and "no-such-model" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()

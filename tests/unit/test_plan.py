@@ -307,3 +307,13 @@ def test_the_same_input_spelled_another_way_resumes_and_another_input_is_refused
         plan.check_previous_job(cfg_for("in1", out), fs, out_dir)
     with pytest.raises(plan.JobError, match=r"k: 8 before, 4 now"):
         plan.check_previous_job(cfg_for("g", out, k=4), fs, out_dir)
+
+
+def test_a_clashing_column_keeps_one_output_name_across_files(tmp_path):
+    base = {"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}
+    pq.write_table(pa.table({**base, "source": ["S-a"], "input_source": ["IS-a"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({**base, "source": ["S-b"]}), tmp_path / "b.parquet")
+    inputs = plan.scan_inputs(cfg_for(tmp_path))
+    # file b has no input_source, but a does: b's `source` must not land in the column holding a's input_source
+    assert [f.renames for f in inputs.files] == [{"source": "input_input_source"}] * 2
+    assert {"input_source", "input_input_source"} <= set(inputs.passthrough.names)
