@@ -80,13 +80,24 @@ def _fixed_prefix(pattern: str) -> str:
     return "/".join(parts[:fixed])
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
 def input_root(uri_: str, endpoint_url: str | None = None) -> str:
     """What an input URI's row keys are relative to, without listing anything: 'in', 'in/', './in' and the
     absolute path are one input, and so are 'd/dt=*' and 'd/dt=*/*.parquet' (both keyed under 'd')."""
     fs, path = filesystem(uri_, endpoint_url)
     path = posixpath.normpath(path.rstrip("/"))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return f"{protocol}://{_fixed_prefix(path) if any(c in path for c in '*?[') else path}"
+    return f"{protocol}://{_fixed_prefix(path) if _is_glob(path) else path}"
+
+
+def input_exists(uri_: str, endpoint_url: str | None = None) -> bool:
+    """The input path (a glob's fixed prefix) exists: one request, no listing."""
+    fs, path = filesystem(uri_, endpoint_url)
+    path = path.rstrip("/")
+    return fs.exists(_fixed_prefix(path) if _is_glob(path) else path)
 
 
 def list_inputs(uri_: str, endpoint_url: str | None = None
@@ -100,7 +111,7 @@ def list_inputs(uri_: str, endpoint_url: str | None = None
     fs, path = filesystem(uri_, endpoint_url)
     path = path.rstrip("/")
     parquet = lambda i: i["name"].endswith((".parquet", ".parq", ".pq"))  # noqa: E731
-    if any(c in path for c in "*?["):  # a match is a file, or a directory read recursively
+    if _is_glob(path):  # a match is a file, or a directory read recursively
         root = _fixed_prefix(path)
         found = [f for i in fs.glob(path, detail=True).values() for f in (
             [i] if i.get("type") == "file" else filter(parquet, fs.find(i["name"], detail=True).values()))]

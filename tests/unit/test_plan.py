@@ -317,3 +317,13 @@ def test_a_clashing_column_keeps_one_output_name_across_files(tmp_path):
     # file b has no input_source, but a does: b's `source` must not land in the column holding a's input_source
     assert [f.renames for f in inputs.files] == [{"source": "input_input_source"}] * 2
     assert {"input_source", "input_input_source"} <= set(inputs.passthrough.names)
+
+
+def test_a_missing_input_stops_the_job_before_its_output_is_made(tmp_path):
+    from grm_ray import pipeline
+
+    for missing in ("no-such-dir", "no-such-dir/dt=*/*.parquet"):
+        with pytest.raises(FileNotFoundError, match=f"input .*{missing.split('/')[0]}.* does not exist"):
+            pipeline.run(cfg_for(tmp_path / missing, tmp_path / "out"))
+        assert not (tmp_path / "out").exists()
+    assert storage.input_exists(str(tmp_path)) and storage.input_exists(str(tmp_path) + "/*.parquet")
