@@ -239,6 +239,7 @@ def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, st
         rows.append({
             "part": posixpath.basename(name), "rows": part.num_rows, "reused": sum(reused),
             "errors": part.num_rows - part.column(ERROR).null_count,
+            "first_error": next((e for e in part.column(ERROR).to_pylist() if e is not None), None),
             "samples": sum(len(s or []) for s in samples),
             "valid": sum(sum(x["valid"] for x in s or []) for s in samples),
             "tokens": sum(sum(x["n_tokens"] for x in s or []) for s in samples), "seconds": seconds,
@@ -467,10 +468,14 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
                 if lease.lost:
                     raise JobError(f"{lease.lost}; stopped so that two jobs never write one output")
                 for row in batch.to_pylist():
+                    first_error = row.pop("first_error")
                     totals.update({k: v for k, v in row.items() if k != "part"})
                     totals["parts"] += 1
                     log.info("committed %s: %d rows (%d errors); %d/%d rows done", row["part"], row["rows"],
                              row["errors"], totals["rows"] + p.skipped_rows, p.total_rows)
+                    if first_error:  # one line per part, never per row: the rest are in the part's `error`
+                        log.warning("%s holds %d row(s) with an error, the first: %s", row["part"], row["errors"],
+                                    first_error)
                     if progress:
                         progress.part(row)
         except JobError:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,11 +36,16 @@ def sources_of(table: pa.Table) -> list[str]:
     return table.column("source").to_pylist()
 
 
-def test_multishard_meta_classifier(ray_local, tiny_cfg, tiny_models, tmp_path, hh_table):
+def test_multishard_meta_classifier(ray_local, tiny_cfg, tiny_models, tmp_path, hh_table, caplog):
     """Every input row exactly once; scores in place; top k_meta by the classifier vote."""
     inp = write_shards(tmp_path, hh_table)
     cfg = tiny_cfg(input=str(inp), meta_mode="classifier", meta_model=str(tiny_models["meta"]), k=4, k_meta=2)
-    summary = run(cfg)
+    with caplog.at_level(logging.WARNING, logger="grm_ray"):
+        summary = run(cfg)
+    # row errors are named on the console/log, one line per part that has any (c's rows 2 and 3 below)
+    shown = [r.getMessage() for r in caplog.records if "with an error, the first:" in r.getMessage()]
+    assert shown and all(re.search(r"part-\S+ holds [12] row\(s\) with an error, the first: c\.parquet, row [23]", m)
+                         for m in shown), shown
     out = storage.read_table(cfg.output)
 
     expected = [f"a.parquet#{i}" for i in range(5)] + [f"b.parquet#{i}" for i in range(4)] + \
