@@ -129,6 +129,9 @@ def verify(output: str = typer.Argument(..., help="Scored output directory or s3
 
     cfg = resolve(None, input=input or "", output=output, s3_endpoint_url=s3_endpoint_url, ray_address=ray_address)
     init_ray(cfg)
+    import ray.data  # its logger configured on import; then quiet: the report below is the output
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         report = audit(cfg)
     except (JobError, FileNotFoundError, PermissionError) as e:

@@ -181,8 +181,11 @@ def load_into(model: type[M], what: str, path: str | Path | None, overrides: dic
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return model(**data)
-    except ValidationError as e:
-        src = f" in {path}" if path else ""
+    except ValidationError as e:  # blame the file only for keys it alone set
+        keys = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+        given = {k for k, v in overrides.items() if v is not None}
+        src = ("" if not path or (keys and keys <= given) else f" in {path}" if keys and not keys & given
+               else f" ({path} and options)")
         raise ConfigError(f"invalid {what} config{src}: {validation_message(e)}") from None
 
 

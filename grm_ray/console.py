@@ -230,7 +230,9 @@ class Console:
     def summary(self, s: dict[str, Any]) -> None:
         """The run summary as a small table."""
         wall = s.get("wall_seconds") or 0
-        rows = [("rows in output", _count(s["rows"])), ("scored this run", _count(s.get("new_rows", 0))),
+        reused = s.get("reused_rows") or 0  # --reuse: committed this run, labels taken from the previous output
+        rows = [("rows in output", _count(s["rows"])),
+                ("scored this run", _count(s.get("new_rows", 0)) + (f" ({_count(reused)} reused)" if reused else "")),
                 ("error rows", _count(s["error_rows"])),
                 ("samples (valid)", f"{_count(s.get('samples', 0))} ({_count(s.get('valid_samples', 0))})"),
                 ("generated tokens", _count(s.get("generated_tokens", 0))),

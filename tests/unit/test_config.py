@@ -166,3 +166,14 @@ def test_public_round_trips_through_json():
     data = cfg.public()
     assert json.loads(json.dumps(data)) == data
     assert JobConfig(**data) == cfg
+
+
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("k: 0\nmax_tokens: 64\n")
+    with pytest.raises(ConfigError, match=f"invalid job config in {cfg_file}: k:"):
+        load_config(cfg_file)
+    cfg_file.write_text("max_tokens: 64\n")
+    with pytest.raises(ConfigError, match=r"invalid job config: k:") as e:
+        load_config(cfg_file, k=0)
+    assert str(cfg_file) not in str(e.value)  # the file is fine; the command line set k

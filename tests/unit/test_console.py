@@ -67,6 +67,10 @@ def test_summary_table(tmp_path):
     for line in ("rows in output    1,312", "error rows        5", "samples (valid)   10,496 (10,400)",
                  "tokens / s        5,000", "wall time         0:06:40", f"log               {tmp_path / 'o.log'}"):
         assert line in text, text
+    assert "reused" not in text
+    out.truncate(0)
+    con.summary({"rows": 7, "new_rows": 7, "reused_rows": 6, "error_rows": 0, "output": "/x/o"})
+    assert "scored this run   7 (6 reused)" in out.getvalue(), out.getvalue()
 
 
 SCRIPT = textwrap.dedent("""
