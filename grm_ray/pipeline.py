@@ -234,12 +234,11 @@ def commit(table: pa.Table, cfg: JobConfig, out_dir: str, metadata: dict[str, st
         t0 = time.perf_counter()
         name = storage.write_part(fs, out_dir, part, metadata, record)
         seconds = time.perf_counter() - t0
-        reused = part.column(REUSED).to_pylist()
+        reused, errors = part.column(REUSED).to_pylist(), part.column(ERROR).drop_null()
         samples = [s for s, r in zip(part.column("samples").to_pylist(), reused) if not r]
         rows.append({
             "part": posixpath.basename(name), "rows": part.num_rows, "reused": sum(reused),
-            "errors": part.num_rows - part.column(ERROR).null_count,
-            "first_error": next((e for e in part.column(ERROR).to_pylist() if e is not None), None),
+            "errors": len(errors), "first_error": errors[0].as_py() if len(errors) else None,
             "samples": sum(len(s or []) for s in samples),
             "valid": sum(sum(x["valid"] for x in s or []) for s in samples),
             "tokens": sum(sum(x["n_tokens"] for x in s or []) for s in samples), "seconds": seconds,
