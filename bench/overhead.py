@@ -104,14 +104,18 @@ def _cpu_snapshot() -> dict[int, tuple[str, float]]:
 
 
 def _cpu_between(a: dict[int, tuple[str, float]], b: dict[int, tuple[str, float]], actor_pid: int) -> dict[str, float]:
-    """CPU seconds used between two snapshots: by the GRM actor, and by everything else of the job."""
+    """CPU seconds used between two snapshots: by the GRM actor, and by everything else of the job, also
+    per process name (the engine core, raylet, gcs_server, Ray workers...): where a pipeline's extra CPU goes."""
     used = {"grm_actor": 0.0, "driver": 0.0, "other_ray_processes": 0.0}
+    by_name: dict[str, float] = {}
     me = os.getpid()
     for pid, (name, t) in b.items():
         dt = t - a.get(pid, (name, 0.0))[1]
         key = "grm_actor" if pid == actor_pid else "driver" if pid == me else "other_ray_processes"
         used[key] += dt
-    return {k: round(v, 2) for k, v in used.items()}
+        by_name[name] = by_name.get(name, 0.0) + dt
+    top = dict(sorted(((n, round(v, 2)) for n, v in by_name.items() if v >= 0.05), key=lambda x: -x[1]))
+    return {**{k: round(v, 2) for k, v in used.items()}, "by_process_name": top}
 
 
 def pipeline_side(cfg_path: str) -> None:
@@ -151,7 +155,8 @@ def pipeline_side(cfg_path: str) -> None:
     actor_pid = next(json.loads(l)["pid"] for l in timings.read_text().splitlines() if '"ready"' in l)
     print(json.dumps({"ray_init_seconds": round(t1 - t0, 2), "t_run_start": t1, "t_run_end": t2,
                       "steady_cpu_seconds": _cpu_between(at_ready["cpu"], at_end, actor_pid),
-                      "steady_machine_busy_others": round(machine.get("busy", 0) - sum(ours.values()), 2),
+                      "steady_machine_busy_others": round(machine.get("busy", 0) - sum(
+                          v for v in ours.values() if isinstance(v, float)), 2),
                       "steady_machine_steal": machine.get("steal"),
                       "summary": summary}, default=str), file=answer, flush=True)
     import ray
@@ -214,8 +219,8 @@ def measure(args: argparse.Namespace, worker: common.Worker | None = None) -> di
     # CPU seconds per generated token: where the CPU went. The pipeline's is its actor's plus Ray's own
     # processes and the driver's during the steady state. (On a shared VM other users' load inflates these
     # too, less than wall time.)
-    cpu = pipe.get("steady_cpu_seconds") or {}
-    plain_cpu = [p_["cpu_seconds"] for p_ in one if p_.get("cpu_seconds") is not None]
+    cpu = {k: v for k, v in (pipe.get("steady_cpu_seconds") or {}).items() if isinstance(v, (int, float))}
+    plain_cpu = [p_.get("tree_cpu_seconds", p_["cpu_seconds"]) for p_ in one if p_.get("cpu_seconds") is not None]
     if cpu and plain_cpu:
         plain_cpu_per_tok = sum(plain_cpu) / sum(p_["tokens"] for p_ in one)
         result["thread_cpu_per_token"] = {
