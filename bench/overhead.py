@@ -236,7 +236,7 @@ def main() -> None:
     result = measure(args)
     common.save_results("overhead", result)
     print(json.dumps({k: result.get(k) for k in ("ratio", "ratio_vs_plain_batched", "batching_ratio",
-                                                 "ratio_incl_start", "plain_drift", "cpu_ratio")}, indent=2))
+                                                 "ratio_incl_start", "plain_drift")}, indent=2))
 
 
 if __name__ == "__main__":
