@@ -1,7 +1,8 @@
 """Shared plumbing of the benchmarks: engine settings, inputs, worker subprocesses, results.
 
 Engine settings are decided once here and used by both sides of every ratio:
-- CPU: OMP_NUM_THREADS = --threads (the pipeline's actor gets the same: cpus_per_actor = --threads), and the
+- CPU: VLLM_ENABLE_V1_MULTIPROCESSING=0 (as the pipeline's CPU actors: the engine core runs the model itself),
+  OMP_NUM_THREADS = --threads (the pipeline's actor gets the same: cpus_per_actor = --threads), and the
   demo's engine arguments: eager mode and a KV cache sized in bytes (2 GiB here rather than the demo's
   512 MiB, so k = 32 samples of 8 items run at once without preemption).
 - GPU: vLLM's defaults; nothing is added.
@@ -82,7 +83,7 @@ def engine_env(threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")
     if not has_gpu():
-        env.update(OMP_NUM_THREADS=str(threads))
+        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads))
     return env
 
 

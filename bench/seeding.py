@@ -54,7 +54,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(one_pass(args.side, args.items, args.k, args.max_tokens)))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
     rates: dict[str, list[float]] = {"baseline": [], "product": []}
     for _ in range(args.repeats):
         for side in rates:

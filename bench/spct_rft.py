@@ -28,7 +28,8 @@ HH = Path(os.environ.get("GRM_RAY_SHARED", "/work/shared")) / "data" / "hh_rlhf_
 def cli(*args: str, log: Path) -> float:
     """Run `grm-ray ARGS` from this checkout; returns the wall seconds; raises with the log's tail on failure."""
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
     with open(log, "a") as f:
         f.write(f"\n$ grm-ray {' '.join(args)}\n")
         f.flush()

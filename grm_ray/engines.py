@@ -14,9 +14,10 @@ model without a template (the fallbacks) gets the tokenizer's default ones.
 Threads and processes: each engine runs its own asyncio loop on a daemon thread; every vLLM call happens
 there. Async callers (Ray actors with several batches in flight, Serve replicas) await it from their own
 loop (`asample`, `arepair`, `ascore`); scripts and tests use the blocking `sample`, `repair`, `score`.
-AsyncLLM always runs the engine core in a spawned child process (VLLM_ENABLE_V1_MULTIPROCESSING does
-not apply to it): on CPU that costs about 10 s of start-up (re-importing vllm and torch); the core's
-threads follow OMP_NUM_THREADS, which Ray sets to the actor's num_cpus.
+AsyncLLM always runs the engine core in a spawned child process: on CPU that costs about 10 s of start-up
+(re-importing vllm and torch); the core's threads follow OMP_NUM_THREADS, which Ray sets to the actor's
+num_cpus. On CPU, VLLM_ENABLE_V1_MULTIPROCESSING=0 (pipeline.engine_resources) keeps the model in that core
+process; otherwise vLLM's CPU platform spawns one more worker process to hold it.
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Session fixtures: the tiny models, a JobConfig factory for them, and the engines (started once each).
 
-Engines are started once per session and shared: each is vLLM's AsyncLLM, whose engine core is a child
-process (about 10 s of start-up on CPU).
+VLLM_ENABLE_V1_MULTIPROCESSING=0, as the pipeline's CPU actors set it: the engine core (AsyncLLM's child
+process) runs the model itself instead of spawning a worker process for it; Ray workers started from here
+inherit the setting.
 """
 import os
 
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -117,6 +117,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     import grm_ray
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     root = str(Path(grm_ray.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.update(extra)

@@ -99,7 +99,8 @@ def test_worker_node_killed_mid_run(tiny_models, hh_table, tmp_path):
     # than about 15 s to start, which a machine loaded by other jobs misses (the test would see `ray start`
     # fail, not a node loss). Ray's memory monitor is off: on a shared machine it kills this job's tasks for
     # memory that other jobs use.
-    node_env = {"PYTHONPATH": env["PYTHONPATH"], "RAY_memory_monitor_refresh_ms": "0"}
+    node_env = {"PYTHONPATH": env["PYTHONPATH"], "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "RAY_memory_monitor_refresh_ms": "0"}
     nodes: list[RayHead] = []
     jobs: list[Job] = []
     try:
