@@ -397,10 +397,12 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
         from .reuse import split
 
         reused, ds = split(ds, cfg, passthrough, p.total_rows - p.skipped_rows)
-    ds = add_scoring(ds, cfg, grm_stage, stats)
-    fin = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"passthrough": passthrough})
+    if ds is not None:
+        ds = add_scoring(ds, cfg, grm_stage, stats)
     if reused is not None:  # both branches in the output shape, so the commit's batches concatenate
-        ds = ds.map_batches(finalize, **fin).union(reused.map_batches(finalize, **fin))
+        fin = dict(batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"passthrough": passthrough})
+        branches = [b.map_batches(finalize, **fin) for b in (ds, reused) if b is not None]
+        ds = branches[0].union(branches[1]) if len(branches) == 2 else branches[0]
     prints = {f.key: f.fingerprint for f in p.inputs.files}
     return ds.map_batches(commit, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                           fn_kwargs={"cfg": cfg, "out_dir": out_dir, "metadata": metadata, "fingerprints": prints,

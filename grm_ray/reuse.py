@@ -97,7 +97,7 @@ def _first_per_key(block: pa.Table) -> pa.Table:
 
 
 def split(ds: Any, cfg: Any, passthrough: pa.Schema, rows: int) -> tuple[Any, Any]:
-    """Normalised rows -> (rows labelled from cfg.reuse, rows left to score).
+    """Normalised rows -> (rows labelled from cfg.reuse or None, rows left to score or None).
 
     The join runs (and its result is held in the object store, spilled to disk if large) before scoring
     starts: both branches read it, and a lazy plan would run the join once per branch.
@@ -122,6 +122,9 @@ def split(ds: Any, cfg: Any, passthrough: pa.Schema, rows: int) -> tuple[Any, An
                                 fn_kwargs={"left": left}).materialize()
     reused = joined.map_batches(_matched, batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"left": left})
     todo = joined.map_batches(_unmatched, batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs={"left": left})
+    if todo.count() == 0:  # a filter pass over the held join; then no engine starts (on a cluster: no GPU node)
+        log.info("--reuse %s labels every row; no engine is started", cfg.reuse)
+        return reused, None
     return reused, todo
 
 

@@ -50,6 +50,21 @@ def test_reuse_scores_only_changed_rows(ray_local, tiny_cfg, tmp_path, hh_table)
         s["n_tokens"] for r in tue if not r["reused"] for s in r["samples"])
     assert summary["samples"] == 4
 
+    # the day after, nothing changed: every row takes its label and no engine actor is started
+    workers = _map_workers()
+    third = tiny_cfg(input=str(inp), output=str(tmp_path / "wed"), k=2, reuse=second.output)
+    summary = run(third)
+    assert summary["rows"] == summary["reused_rows"] == 11 and summary["samples"] == 0
+    assert _map_workers() == workers
+    assert sorted(r["source"] for r in storage.read_table(third.output).to_pylist()) == sorted(r["source"] for r in tue)
+
+
+def _map_workers() -> int:
+    """Engine actors (Ray Data's `MapWorker(MapBatches(_StageActor))`) this Ray has started, dead ones included."""
+    from ray._private.state import state
+
+    return sum("_StageActor" in a.get("ActorClassName", "") for a in state.actor_table(None).values())
+
 
 def test_previous_output_without_content_keys(tmp_path, tiny_cfg, hh_table):
     """An output written before content keys: keys computed from its stored item and its own job options."""
