@@ -233,7 +233,9 @@ class Console:
         reused = s.get("reused_rows") or 0  # --reuse: committed this run, labels taken from the previous output
         rows = [("rows in output", _count(s["rows"])),
                 ("scored this run", _count(s.get("new_rows", 0)) + (f" ({_count(reused)} reused)" if reused else "")),
-                ("error rows", _count(s["error_rows"])),
+                ("error rows", _count(s["error_rows"]) + (  # the output's; the progress line counted this run's
+                    f" ({_count(s['errors_new'])} this run)" if s.get("errors_new", s["error_rows"]) != s["error_rows"]
+                    else "")),
                 ("samples (valid)", f"{_count(s.get('samples', 0))} ({_count(s.get('valid_samples', 0))})"),
                 ("generated tokens", _count(s.get("generated_tokens", 0))),
                 ("tokens / s", _count(s.get("generated_tokens", 0) / wall) if wall else "-"),

@@ -71,6 +71,9 @@ def test_summary_table(tmp_path):
     out.truncate(0)
     con.summary({"rows": 7, "new_rows": 7, "reused_rows": 6, "error_rows": 0, "output": "/x/o"})
     assert "scored this run   7 (6 reused)" in out.getvalue(), out.getvalue()
+    out.truncate(0)  # a resumed run: the output holds errors of an earlier run too
+    con.summary({"rows": 9, "new_rows": 4, "errors_new": 1, "error_rows": 3, "output": "/x/o"})
+    assert "error rows        3 (1 this run)" in out.getvalue(), out.getvalue()
 
 
 SCRIPT = textwrap.dedent("""
