@@ -106,12 +106,13 @@ def _cpu_snapshot() -> dict[int, tuple[str, float]]:
 def _cpu_between(a: dict[int, tuple[str, float]], b: dict[int, tuple[str, float]], actor_pid: int) -> dict[str, float]:
     """CPU seconds used between two snapshots: by the GRM actor, and by everything else of the job, also
     per process name (the engine core, raylet, gcs_server, Ray workers...): where a pipeline's extra CPU goes."""
-    used = {"grm_actor": 0.0, "driver": 0.0, "other_ray_processes": 0.0}
+    used = {"grm_actor": 0.0, "engine_core": 0.0, "driver": 0.0, "other_ray_processes": 0.0}
     by_name: dict[str, float] = {}
     me = os.getpid()
     for pid, (name, t) in b.items():
         dt = t - a.get(pid, (name, 0.0))[1]
-        key = "grm_actor" if pid == actor_pid else "driver" if pid == me else "other_ray_processes"
+        key = ("grm_actor" if pid == actor_pid else "driver" if pid == me
+               else "engine_core" if "EngineCor" in name else "other_ray_processes")
         used[key] += dt
         by_name[name] = by_name.get(name, 0.0) + dt
     top = dict(sorted(((n, round(v, 2)) for n, v in by_name.items() if v >= 0.05), key=lambda x: -x[1]))
@@ -140,15 +141,24 @@ def pipeline_side(cfg_path: str) -> None:
                 return
             time.sleep(0.05)
 
+    latest: dict[int, tuple[str, float]] = {}  # each process's last CPU reading: the engine core exits before
+    done = threading.Event()                    # run() returns, and must still be counted
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            latest.update(_cpu_snapshot())
+
     t0 = time.time()
     (getattr(pipeline, "init_ray", None) or pipeline._init_ray)(cfg)  # the same local Ray run() starts
     t1 = time.time()
     pipeline.build = functools.partial(pipeline.build, grm_stage=TimedGRMSampler)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    threading.Thread(target=sample, daemon=True).start()
     summary = pipeline.run(cfg)
     t2 = time.time()
-    at_end, machine_end = _cpu_snapshot(), common.machine_cpu()
+    done.set()
+    at_end, machine_end = {**latest, **_cpu_snapshot()}, common.machine_cpu()
     at_ready.setdefault("cpu", {})
     ours = _cpu_between(at_ready["cpu"], at_end, 0)
     machine = common.cpu_delta(at_ready.get("machine", machine_end), machine_end)
@@ -216,11 +226,17 @@ def measure(args: argparse.Namespace, worker: common.Worker | None = None) -> di
         "ratio_incl_start": pipe_rate_with_start / plain_rate_with_start,
         "plain_drift": (rate([after["one_call"]]) / rate([before["one_call"]])) if after else None,
     }
-    # No CPU-per-token ratio: the pipeline's engine core (AsyncLLM's child of the actor) has exited by the
-    # time run() returns, so its CPU is not in the pipeline's figures; the per-process breakdown says what
-    # Ray's own processes and the driver took meanwhile.
+    # The engine's CPU per token on each side (plain: its worker and engine-core child; pipeline: the GRM actor
+    # and its engine core, sampled every second as the core exits before run() returns): the same per token
+    # means the pipeline's engine got less CPU (shared with Ray's processes), more means it ran slower.
+    steady = pipe["steady_cpu_seconds"]
+    result["engine_cpu_per_token"] = {
+        "plain_one_call": sum(p["tree_cpu_seconds"] for p in one) / sum(p["tokens"] for p in one),
+        "pipeline": (steady["grm_actor"] + steady["engine_core"]) / max(1, tokens)}
     print(f"[overhead] pipeline/plain tokens per second = {result['ratio']:.3f} "
-          f"(vs plain in batches of {s['batch_size']}: {result['ratio_vs_plain_batched']:.3f})", flush=True)
+          f"(vs plain in batches of {s['batch_size']}: {result['ratio_vs_plain_batched']:.3f}); engine CPU-s per "
+          f"token plain {result['engine_cpu_per_token']['plain_one_call']:.4f}, pipeline "
+          f"{result['engine_cpu_per_token']['pipeline']:.4f}", flush=True)
     return result
 
 

@@ -156,8 +156,11 @@ def render(r: dict[str, Any]) -> str:
                 + f"); Ray init {pipe['ray_init_seconds']}; plain engine start {ov['plain_engine']['start_seconds']}. "
                 f"Warm-up (one short structured sample on the fresh engine, before either clock starts): plain "
                 f"{f(ov['plain_engine'].get('warmup_seconds'))} s, pipeline actor {f(pipe['actor'].get('warmup_seconds'))} s.",
-                f"CPU seconds used during the pipeline's steady state, besides its engine core: "
-                f"{pipe.get('steady_cpu_seconds')}.",
+                f"CPU seconds used during the pipeline's steady state (the engine core's from its last reading, "
+                f"taken every second): {pipe.get('steady_cpu_seconds')}.",
+                *([f"Engine CPU seconds per generated token (plain: its worker and engine core; pipeline: the GRM "
+                   f"actor and its engine core): plain {ov['engine_cpu_per_token']['plain_one_call']:.4f}, pipeline "
+                   f"{ov['engine_cpu_per_token']['pipeline']:.4f}."] if ov.get("engine_cpu_per_token") else []),
                 f"Prompt tokens per ordering (demo tokenizer): mean {ov['prompt_tokens_per_ordering']['mean']:.0f}; "
                 f"generated tokens per sample {ov['tokens_per_sample']:.1f}.", ""]
     pre = r.get("prefix")
