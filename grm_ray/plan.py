@@ -99,6 +99,8 @@ def scan_inputs(cfg: JobConfig) -> Inputs:
                 meta = pq.ParquetFile(fh).metadata
                 schema = meta.schema.to_arrow_schema()
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, the rest still run
+            if info.get("listed") and not storage.looks_parquet(fs, f.path):
+                return f, None, None  # a README or checksum beside the data is not input: skipped, said below
             return f, None, f"not a readable Parquet file: {type(e).__name__}: {e}"
         f.groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
         f.rows = sum(f.groups)
@@ -106,6 +108,11 @@ def scan_inputs(cfg: JobConfig) -> Inputs:
         return f, schema, None
 
     found = parallel(footer, infos)
+    skipped = [f.key for f, schema, why in found if schema is None and not why]
+    if skipped:
+        log.warning("%d file(s) under the input are not Parquet and are skipped: %s%s", len(skipped),
+                    ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+        found = [x for x in found if x[1] is not None or x[2]]
     # renames are decided over every file's columns, so a column keeps one output name across the input
     names = set().union(*(schema.names for _, schema, why in found if not why))
     renames = {fmt: input_renames(names, fmt) for fmt in {f.fmt for f, _, why in found if not why}}

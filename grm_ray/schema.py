@@ -108,7 +108,8 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
         role = _text(m["role"], f"{field}[{i}].role")
         if role not in ("system", "user", "assistant"):
             raise RowError(f"field '{field}[{i}].role' is {role!r}; expected system, user or assistant")
-        out.append({"role": role, "content": _text(m["content"], f"{field}[{i}].content", allow_empty=True)})
+        # a user turn must say something (as a plain prompt must); an empty system or assistant turn may stand
+        out.append({"role": role, "content": _text(m["content"], f"{field}[{i}].content", allow_empty=role != "user")})
     if out[-1]["role"] != "user":
         raise RowError(f"field '{field}' must end with a user turn (the query); it ends with {out[-1]['role']}")
     return out

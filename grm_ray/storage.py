@@ -102,31 +102,44 @@ def input_exists(uri_: str, endpoint_url: str | None = None) -> bool:
 
 def list_inputs(uri_: str, endpoint_url: str | None = None
                 ) -> tuple[fsspec.AbstractFileSystem, str, list[dict[str, Any]]]:
-    """Input Parquet files of a file, directory (recursively) or glob: (fs, root, file infos sorted by name).
+    """Input files of a file, directory (recursively) or glob: (fs, root, file infos sorted by name).
 
     `root` is what row keys are relative to: the directory given, a glob's fixed prefix, or a single file's
-    directory. Below the root, paths with a hidden component (`_x`, `.x`) are skipped at every depth; a file
-    named explicitly is read whatever its name. Infos come from the listing itself (size, ETag / mtime).
+    directory. Below the root, paths with a hidden component (`_x`, `.x`) are skipped at every depth. Every
+    other file is listed whatever its name (Hive writes `000000_0`); plan.scan_inputs skips a listed file
+    that is not Parquet at all (info["listed"]) and reports one named explicitly. Infos come from the
+    listing itself (size, ETag / mtime).
     """
     fs, path = filesystem(uri_, endpoint_url)
     path = path.rstrip("/")
-    parquet = lambda i: i["name"].endswith((".parquet", ".parq", ".pq"))  # noqa: E731
     if _is_glob(path):  # a match is a file, or a directory read recursively
         root = _fixed_prefix(path)
-        found = [f for i in fs.glob(path, detail=True).values() for f in (
-            [i] if i.get("type") == "file" else filter(parquet, fs.find(i["name"], detail=True).values()))]
+        found = [f for i in fs.glob(path, detail=True).values()
+                 for f in ([i] if i.get("type") == "file" else fs.find(i["name"], detail=True).values())]
     elif fs.isdir(path):
         root = path
-        found = list(filter(parquet, fs.find(path, detail=True).values()))
+        found = list(fs.find(path, detail=True).values())
     elif fs.exists(path):
         return fs, posixpath.dirname(path), [fs.info(path)]
     else:
         raise FileNotFoundError(f"input {uri_} does not exist")
-    files = sorted((i for i in found if i.get("type") == "file"
+    files = sorted(({**i, "listed": True} for i in found if i.get("type") == "file"
                     and not _hidden(posixpath.relpath(i["name"], root))), key=lambda i: i["name"])
     if not files:
-        raise FileNotFoundError(f"no Parquet files (*.parquet) found under {uri_}")
+        raise FileNotFoundError(f"no input files found under {uri_} (names starting with '_' or '.' are skipped)")
     return fs, root, files
+
+
+def looks_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """A Parquet name, or Parquet's magic bytes first: a broken Parquet file is bad input, a README or a
+    checksum file beside the data is not input at all."""
+    if path.endswith((".parquet", ".parq", ".pq")):
+        return True
+    try:
+        with fs.open(path, "rb") as fh:
+            return fh.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def fingerprint(info: dict[str, Any]) -> str:

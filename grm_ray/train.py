@@ -138,9 +138,10 @@ def _imports():
 def read_rows(uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Every row of the Parquet file(s) at `uri` (file, directory, glob or s3://), files read in parallel."""
     from .plan import parallel
-    from .storage import list_inputs, read_parquet
+    from .storage import list_inputs, looks_parquet, read_parquet
 
     fs, _, files = list_inputs(uri, endpoint_url)
+    files = [f for f in files if not f.get("listed") or looks_parquet(fs, f["name"])]
 
     def one(f: dict[str, Any]) -> Any:
         with fs.open(f["name"], "rb") as fh:

@@ -165,7 +165,7 @@ def score(tmp_path, inp, name):
 def test_empty_input_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     rc, stderr = score(tmp_path, tmp_path / "empty", "empty")
-    assert rc == 2 and f"error: no Parquet files (*.parquet) found under {tmp_path / 'empty'}" in stderr, stderr
+    assert rc == 2 and f"error: no input files found under {tmp_path / 'empty'}" in stderr, stderr
     assert "Traceback" not in stderr
 
 

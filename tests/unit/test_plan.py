@@ -59,6 +59,25 @@ def test_hidden_paths_skipped_at_every_depth_but_explicit_files_read(tmp_path):
     assert [os.path.relpath(i["name"], root) for i in explicit] == ["c.parquet"]
 
 
+def test_parquet_without_a_parquet_name_is_read_and_other_files_beside_it_skipped(tmp_path, caplog):
+    """Hive names its files `000000_0`: read. A README beside the data: skipped, with a warning. A broken file
+    that claims to be Parquet (by name or magic bytes): reported as unreadable."""
+    inp = tmp_path / "in"
+    write(inp / "000000_0", 2)
+    write(inp / "a.parquet", 3)
+    (inp / "README.txt").write_text("how this data was made")
+    (inp / "broken.parquet").write_text("not parquet")
+    (inp / "000001_0").write_bytes((inp / "000000_0").read_bytes()[:40])  # truncated: magic, no footer
+    with caplog.at_level("WARNING", logger="grm_ray.plan"):
+        found = plan.scan_inputs(cfg_for(inp))
+    assert [(f.key, f.rows) for f in found.files] == [("000000_0", 2), ("a.parquet", 3)]
+    assert sorted(found.bad_files) == ["000001_0", "broken.parquet"]
+    assert "1 file(s) under the input are not Parquet and are skipped: README.txt" in caplog.text
+    (inp / "README.txt").unlink()
+    write(tmp_path / "notes.txt", 1)  # named explicitly, read whatever its name
+    assert [f.rows for f in plan.scan_inputs(cfg_for(tmp_path / "notes.txt")).files] == [1]
+
+
 def test_keys_are_relative_to_the_input_uri_not_to_the_files_present(tmp_path):
     """A glob over dt=* keeps every key when a sibling directory appears."""
     inp = tmp_path / "in"

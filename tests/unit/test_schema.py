@@ -155,6 +155,8 @@ USER = [{"role": "user", "content": "q"}]
     ({"messages": [{"role": "user"}], "responses": ["a"]}, "'messages[0]'"),
     ({"messages": [{"role": "user", "content": None}], "responses": ["a"]}, "'messages[0].content'"),
     ({"messages": [{"role": "user", "content": 7}], "responses": ["a"]}, "'messages[0].content'"),
+    ({"messages": USER + [{"role": "assistant", "content": "A"}, {"role": "user", "content": " "}],
+      "responses": ["a"]}, "'messages[2].content' is empty"),
     ({"messages": USER + [{"role": "assistant", "content": "a"}], "responses": ["a"]}, "'messages'"),
     ({"messages": [{"role": "bot", "content": "q"}], "responses": ["a"]}, "'messages[0].role'"),
     ({"messages": [{"role": "Human", "content": "q"}], "responses": ["a"]}, "'messages[0].role'"),
@@ -212,6 +214,7 @@ def test_too_many_responses():
     ({"prompt": "q", "chosen": "a", "rejected": 3}, "'rejected'"),
     ({"prompt": None, "chosen": "a", "rejected": "b"}, "'prompt'"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt'"),
+    ({"prompt": [{"role": "user", "content": ""}], "chosen": "a", "rejected": "b"}, "'prompt[0].content'"),
     ({"prompt": USER + [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "'prompt'"),
     ({"prompt": USER, "chosen": [{"role": "assistant", "content": None}], "rejected": "b"}, "'chosen[-1].content'"),
 ])
