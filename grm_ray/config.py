@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 M = TypeVar("M", bound=BaseModel)
 
 
+def repair_tokens(n: int) -> int:
+    """Token budget of a cut sample's repair for n responses: '\\nScores: \\boxed{' (up to ~12 tokens), ~4 per
+    score, EOS."""
+    return 16 + 4 * n
+
+
 class ConfigError(ValueError):
     """A config file or option that cannot be used; the message names the key."""
 
@@ -146,6 +152,10 @@ class JobConfig(BaseModel):
                 "plain vote, while meta-guided voting keeps the top k_meta samples by meta score, which a sample "
                 "not yet drawn can change, so an early stop could change the meta-guided winner; use "
                 "adaptive=off with a meta RM, or meta_mode=none to stop early")
+        if self.max_model_len and self.max_tokens + repair_tokens(self.max_responses) >= self.max_model_len:
+            raise ValueError(f"max_tokens ({self.max_tokens}) leaves no room for a prompt in max_model_len "
+                             f"({self.max_model_len}; a cut sample's repair needs {repair_tokens(self.max_responses)} "
+                             "more): lower max_tokens or raise max_model_len")
         if self.meta_mode == "classifier" and not self.meta_model:
             raise ValueError("meta_mode=classifier needs meta_model (a sequence-classification model)")
         return self

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Sequence
 
 from . import parsing, prompts
-from .config import JobConfig
+from .config import JobConfig, repair_tokens
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class GRMEngine(_Engine):
         self._start(**llm_kwargs(cfg, cfg.model, disable_log_stats=False,
                                  structured_outputs_config={"backend": "guidance"}, **cpu))
         # Room for the prompt; a sample cut at max_tokens still leaves room for its repair continuation.
-        self.repair_reserve = _repair_tokens(cfg.max_responses)
+        self.repair_reserve = repair_tokens(cfg.max_responses)
         self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_tokens ({cfg.max_tokens}) leaves no room for a prompt in max_model_len "
@@ -282,8 +282,8 @@ class GRMEngine(_Engine):
         from vllm.sampling_params import StructuredOutputsParams
 
         todo = [i for i, (p, r) in enumerate(zip(prefix_ids, n_responses))
-                if len(p) + _repair_tokens(r) <= self.max_model_len]
-        params = [SamplingParams(temperature=0.0, max_tokens=_repair_tokens(n_responses[i]), **_final_only(),
+                if len(p) + repair_tokens(r) <= self.max_model_len]
+        params = [SamplingParams(temperature=0.0, max_tokens=repair_tokens(n_responses[i]), **_final_only(),
                                  structured_outputs=StructuredOutputsParams(regex=parsing.repair_regex(n_responses[i])))
                   for i in todo]
         result = [Generation("", 0, "length") for _ in prefix_ids]
@@ -374,11 +374,6 @@ class MetaEngine(_Engine):
         return result
 
 
-def _repair_tokens(n: int) -> int:
-    """Token budget of a repair: '\\nScores: \\boxed{' (up to ~12 tokens), ~4 per score, EOS."""
-    return 16 + 4 * n
-
-
 def _generation(c: Any) -> Generation:
     return Generation(text=c.text, n_tokens=len(c.token_ids), finish_reason=str(c.finish_reason or "length"),
                       token_ids=list(c.token_ids))
@@ -417,7 +412,7 @@ class OpenAIEngine(_Loop):
         self._limit = asyncio.Semaphore(cfg.openai_max_concurrency)  # used on the private loop only
         self._start_loop()
         self.max_model_len = cfg.max_model_len or self._served_max_model_len()
-        self.repair_reserve = _repair_tokens(cfg.max_responses)
+        self.repair_reserve = repair_tokens(cfg.max_responses)
         self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_tokens ({cfg.max_tokens}) leaves no room for a prompt in max_model_len "
@@ -484,9 +479,9 @@ class OpenAIEngine(_Loop):
     async def arepair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
         """As GRMEngine.arepair, over HTTP (greedy, forced to the repair regex)."""
         async def one(p: Sequence[int], r: int) -> Generation:
-            if len(p) + _repair_tokens(r) > self.max_model_len:
+            if len(p) + repair_tokens(r) > self.max_model_len:
                 return Generation("", 0, "length")
-            out = await self._complete(p, temperature=0.0, max_tokens=_repair_tokens(r),
+            out = await self._complete(p, temperature=0.0, max_tokens=repair_tokens(r),
                                        extra_body={"structured_outputs": {"regex": parsing.repair_regex(r)}})
             return self._generation(out.choices[0])
 

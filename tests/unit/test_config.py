@@ -124,6 +124,13 @@ def test_adaptive_with_a_meta_rm_is_refused_everywhere(write, adaptive, mode):
     assert load_config(meta_mode=mode, meta_model="/m").adaptive == "off"
 
 
+def test_max_tokens_must_leave_room_for_a_prompt_before_any_engine_starts():
+    """Caught by the config (the CLI's one-line error), not by each engine actor once it has loaded a model."""
+    with pytest.raises(ConfigError, match=r"max_tokens \(64\) leaves no room .* max_model_len \(128"):
+        load_config(max_tokens=64, max_model_len=128)
+    assert load_config(max_tokens=64, max_model_len=256, max_responses=4).max_model_len == 256
+
+
 def test_classifier_needs_a_meta_model():
     with pytest.raises(ConfigError, match="meta_model"):
         load_config(meta_mode="classifier")
