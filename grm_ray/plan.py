@@ -244,6 +244,7 @@ class Ledger:
     fingerprints: dict[str, set[str]] = field(default_factory=dict)
     parts_of: dict[str, list[str]] = field(default_factory=dict)        # file key -> part paths
     duplicated: dict[str, int] = field(default_factory=dict)           # file key -> rows committed twice
+    overlaps: list[tuple[str, str]] = field(default_factory=list)      # the first few pairs of parts sharing rows
     rows: int = 0
     parts: int = 0
 
@@ -273,19 +274,24 @@ def read_ledger(fs: Any, out_dir: str) -> Ledger:
                            "it was not written by this job: remove it or use another output")
         led.rows += n
         for key, rs in ranges.items():
-            per_key.setdefault(key, []).extend(rs)
+            per_key.setdefault(key, []).extend((a, b, path) for a, b in rs)
             led.parts_of.setdefault(key, []).append(path)
             if prints.get(key):
                 led.fingerprints.setdefault(key, set()).add(prints[key])
     for key, rs in per_key.items():
         merged: list[list[int]] = []
-        for a, b in sorted(rs):
+        last = ""  # the part holding merged[-1]'s end
+        for a, b, path in sorted(rs):
             if merged and a < merged[-1][1]:
                 led.duplicated[key] = led.duplicated.get(key, 0) + min(b, merged[-1][1]) - a
+                if len(led.overlaps) < 3 and (last, path) not in led.overlaps:
+                    led.overlaps.append((last, path))
             if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
+                if b > merged[-1][1]:
+                    merged[-1][1], last = b, path
             else:
                 merged.append([a, b])
+                last = path
         led.ranges[key] = merged
     return led
 
@@ -417,10 +423,14 @@ def check_counts(inputs: Inputs, led: Ledger) -> None:
     missing = {f.key: f.rows - led.committed(f.key) for f in inputs.files
                if led.ranges.get(f.key, []) != ([[0, f.rows]] if f.rows else [])}
     missing = {k: v for k, v in missing.items() if v > 0}
-    if missing or led.duplicated:
-        show = lambda d: ", ".join(f"{k}: {v}" for k, v in sorted(d.items())[:3])  # noqa: E731
-        raise JobError(f"output check failed: {sum(missing.values())} input row(s) missing ({show(missing)}), "
-                       f"{sum(led.duplicated.values())} committed twice ({show(led.duplicated)}); "
+    show = lambda d: ", ".join(f"{k}: {v}" for k, v in sorted(d.items())[:3])  # noqa: E731
+    if led.duplicated:  # not for a rerun to mend: a part copied or restored by hand, or another writer
+        pairs = "; ".join(f"{posixpath.basename(a)} and {posixpath.basename(b)}" for a, b in led.overlaps)
+        raise JobError(f"output check failed: {sum(led.duplicated.values())} row(s) committed twice "
+                       f"({show(led.duplicated)}); parts holding the same rows: {pairs}. A copied or restored part? "
+                       "Delete one of each pair, then run `grm-ray verify` on the output")
+    if missing:
+        raise JobError(f"output check failed: {sum(missing.values())} input row(s) missing ({show(missing)}); "
                        "rerun the same command to resume, or run `grm-ray verify` for a row-level audit")
 
 
@@ -448,7 +458,9 @@ def check_previous_job(cfg: JobConfig, fs: Any, out_dir: str) -> None:
             return now.get(k) == before
 
         changed = {k: (v, now.get(k)) for k, v in previous["config"].items() if k in RESULT_KEYS and not same(k, v)}
-        if changed:
+        if changed and not storage.committed_parts(fs, out_dir):  # a run that stopped before committing anything
+            log.info("output %s: the earlier job there committed no rows; this one takes its place", cfg.output)
+        elif changed:
             diff = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
             raise JobError(f"output {cfg.output} holds results of a different job ({diff}); "
                            "rerun with the same options to resume, or pass --overwrite to start afresh")

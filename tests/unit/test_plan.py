@@ -165,12 +165,15 @@ def test_ledger_counts_detect_missing_duplicated_and_orphaned_rows(tmp_path):
     inputs = plan.scan_inputs(cfg)
     fs, out_dir = storage.filesystem(str(out))
     commit(out, ["a.parquet#0", "a.parquet#1"])
-    with pytest.raises(plan.JobError, match=r"2 input row\(s\) missing \(a.parquet: 2\), 0 committed twice"):
+    with pytest.raises(plan.JobError, match=r"2 input row\(s\) missing \(a.parquet: 2\); rerun the same command"):
         plan.check_counts(inputs, plan.read_ledger(fs, out_dir))
     commit(out, ["a.parquet#1", "a.parquet#2", "a.parquet#3", "gone.parquet#0", "a.parquet#9"])
     led = plan.read_ledger(fs, out_dir)
     assert led.duplicated == {"a.parquet": 1} and led.rows == 7 and led.parts == 2
-    with pytest.raises(plan.JobError, match=r"1 committed twice \(a.parquet: 1\)"):
+    first, second = sorted(storage.committed_parts(fs, out_dir))
+    assert led.overlaps in ([(first, second)], [(second, first)])
+    with pytest.raises(plan.JobError, match=r"1 row\(s\) committed twice \(a.parquet: 1\); parts holding the same "
+                                            r"rows: part-\w+.parquet and part-\w+.parquet.*Delete one of each pair"):
         plan.check_counts(inputs, led)
     assert plan.orphans(inputs, led) == {"a.parquet": 1, "gone.parquet": 1}
 
@@ -322,6 +325,8 @@ def test_the_same_input_spelled_another_way_resumes_and_another_input_is_refused
                         ("g/dt=*", "g/dt=*/*.parquet"), ("g/dt=*", "g")]:
         storage.write_json(fs, f"{out_dir}/{storage.JOB_FILE}", {"config": cfg_for(before, out).public()})
         plan.check_previous_job(cfg_for(now, out), fs, out_dir)  # one key space: resumes
+    plan.check_previous_job(cfg_for("in1", out, k=4), fs, out_dir)  # nothing committed: another job may start
+    commit(out, ["dt=1/a.parquet#0"])
     with pytest.raises(plan.JobError, match=r"input: 'g/dt=\*' before, 'in1' now.*--overwrite"):
         plan.check_previous_job(cfg_for("in1", out), fs, out_dir)
     with pytest.raises(plan.JobError, match=r"k: 8 before, 4 now"):
