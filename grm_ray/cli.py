@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import sys
 import typing
 from pathlib import Path
@@ -33,6 +34,11 @@ def _setup_logging() -> None:
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", fg="red", err=True)
     return typer.Exit(code)
+
+
+Fmt = typer.Option("standard", "--format", help="TRL column convention: standard (strings) or conversational.")
+S3_ENDPOINT = typer.Option(None, "--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+Threshold = typer.Option(6, min=1, max=10, help="Single responses: a score >= this (1-10) means 'good'.")
 
 
 def resolve(config_file: str | None, **options: Any) -> JobConfig:
@@ -118,7 +124,7 @@ app.command("score")(_score)
 def verify(output: str = typer.Argument(..., help="Scored output directory or s3:// URI."),
            input: Optional[str] = typer.Option(None, "--input", help="The job's input: also check that every "
                                                "input row is committed once and nothing else."),
-           s3_endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)."),
+           s3_endpoint_url: Optional[str] = S3_ENDPOINT,
            ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the audit on (default: a "
                                                      "local Ray, or $RAY_ADDRESS).")) -> None:
     """Row-level audit of a scored output, as a Ray Data job: every committed row once, each part's record
@@ -167,14 +173,14 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
           reliability_plot: Optional[Path] = typer.Option(
               None, "--reliability-plot", help="Draw the reliability diagram(s) (stability, labels) into this PNG."),
           paper: bool = typer.Option(False, "--paper", help="Print the paper-style Reward Bench table "
-                                     "(Voting@1/8/32, MetaRM@8/32 per section, paper figures beside) instead.")
-          ) -> None:
+                                     "(Voting@1/8/32, MetaRM@8/32 per section, paper figures beside) instead."),
+          s3_endpoint_url: Optional[str] = S3_ENDPOINT) -> None:
     """Accuracy, best-of-N, sections, AUC, invalid share, position bias, confidence and voting@k curves."""
     from .evaluate import (evaluate, format_paper_table, format_report, paper_table, plot_curves,
                            plot_reliability)
     from .evaluate import stability as held_out
 
-    table = _read_scored(scored)
+    table = _read_scored(scored, s3_endpoint_url)
     if paper:
         try:
             t = paper_table(table, seed=seed)
@@ -189,46 +195,79 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
     if plot:
         if not report["curves"]["items"]:
             typer.secho("warning: no labelled multi-response items with samples; the plot is empty", err=True)
-        plot_curves(report, str(plot))
+        plot_curves(report, str(_parent_made(plot)))
         typer.echo(f"plot: {plot}", err=as_json)
     if reliability_plot:
         rels = {"stability": report["stability"], "against labels": report["confidence_vs_labels"]}
-        plot_reliability({k: v for k, v in rels.items() if v and v.get("n")}, str(reliability_plot))
+        plot_reliability({k: v for k, v in rels.items() if v and v.get("n")}, str(_parent_made(reliability_plot)))
         typer.echo(f"reliability plot: {reliability_plot}", err=as_json)
 
 
 @app.command()
 def report(scored: str = typer.Argument(..., help="Scored output directory, Parquet file or s3:// URI."),
            out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
-           limit: int = typer.Option(100_000, help="Show at most this many rows (the first parts' rows).")) -> None:
+           limit: int = typer.Option(100_000, min=1, help="Show at most this many rows (the first parts' rows)."),
+           s3_endpoint_url: Optional[str] = S3_ENDPOINT) -> None:
     """Write one self-contained HTML page to audit a scored output: critiques, votes, filters, sort."""
     from .report import read, render
 
     try:
-        table, total = read(scored, limit)
-    except (FileNotFoundError, OSError) as e:
-        raise _fail(f"cannot read scored output {scored}: {e}") from None
-    out.write_text(render(table, f"grm-ray report: {scored}"), encoding="utf-8")
+        table, total = read(scored, limit, s3_endpoint_url)
+    except Exception as e:  # noqa: BLE001 - storage errors, said in one line
+        raise _storage_error(e, f"cannot read scored output {scored}") from None
+    _parent_made(out).write_text(render(table, f"grm-ray report: {scored}"), encoding="utf-8")
     typer.echo(f"wrote {out} ({table.num_rows} rows, {out.stat().st_size / 1e6:.1f} MB)")
     if total is None or total > table.num_rows:
         typer.secho(f"warning: the output has more rows than --limit {limit}; the report shows the first "
                     f"{table.num_rows}", fg="yellow", err=True)
 
 
-def _read_scored(uri: str):
+def _read_scored(uri: str, endpoint_url: str | None = None):
+    """A scored output's rows; a warning when some appear twice (a copied part), which every figure and
+    export would count twice."""
+    import pyarrow.compute as pc
+
+    from .schema import SOURCE
     from .storage import read_table
 
     try:
-        return read_table(uri)
-    except (FileNotFoundError, OSError) as e:
-        raise _fail(f"cannot read scored output {uri}: {e}") from None
+        table = read_table(uri, endpoint_url)
+    except Exception as e:  # noqa: BLE001 - storage errors, said in one line
+        raise _storage_error(e, f"cannot read scored output {uri}") from None
+    if "rewards" not in table.column_names:
+        raise _fail(f"{uri} is not a scored output (no `rewards` column): score it with `grm-ray score` first")
+    if SOURCE in table.column_names:
+        counts = table.group_by(SOURCE, use_threads=False).aggregate([(SOURCE, "count")])
+        twice = counts.filter(pc.greater(counts.column(f"{SOURCE}_count"), 1))
+        if twice.num_rows:
+            extra = pc.sum(twice.column(f"{SOURCE}_count")).as_py() - twice.num_rows
+            typer.secho(f"warning: {uri} holds {extra} row(s) more than once (e.g. {twice.column(SOURCE)[0]}), "
+                        f"which this counts each time: a copied part? `grm-ray verify {uri}` names the parts",
+                        fg="yellow", err=True)
+    return table
 
 
-def _write(out: str, table, scored_rows: int, skipped: dict[str, int]) -> None:
+def _storage_error(e: Exception, what: str) -> typer.Exit:
+    """A storage failure (a missing path, S3 unreachable or refusing) as one line; anything else is a bug."""
+    if isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+        return _fail(f"{what}: {type(e).__name__}: {e}" if not isinstance(e, OSError) else f"{what}: {e}")
+    raise e
+
+
+def _parent_made(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write(out: str, table, scored_rows: int, skipped: dict[str, int], endpoint_url: str | None = None) -> None:
     """Write an export; say on stderr what was skipped and, when nothing is left, why the file is empty."""
     from .storage import write_table
 
-    typer.echo(f"wrote {table.num_rows} rows to {write_table(out, table)}")
+    try:
+        where = write_table(out, table, endpoint_url)
+    except Exception as e:  # noqa: BLE001
+        raise _storage_error(e, f"cannot write {out}") from None
+    typer.echo(f"wrote {table.num_rows} rows to {where}")
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
     if not table.num_rows:
         typer.secho(f"warning: the export is empty (columns only): of {scored_rows} scored rows, "
@@ -238,7 +277,6 @@ def _write(out: str, table, scored_rows: int, skipped: dict[str, int]) -> None:
         typer.echo(f"skipped: {why}", err=True)
 
 
-Fmt = typer.Option("standard", "--format", help="TRL column convention: standard (strings) or conversational.")
 
 
 @app.command("export-dpo")
@@ -248,34 +286,39 @@ def export_dpo(scored: str, out: str,
                                                 "margin is below this."),
                fmt: str = Fmt,
                mode: str = typer.Option("pairs", help="pairs: DPO (prompt, chosen, rejected); best-of-n: "
-                                        "rejection-sampling SFT (prompt, completion).")) -> None:
+                                        "rejection-sampling SFT (prompt, completion)."),
+               s3_endpoint_url: Optional[str] = S3_ENDPOINT) -> None:
     """Export DPO pairs (best vs worst response) or best-of-n SFT data; ties and errors are skipped."""
     from . import export
 
     if mode not in ("pairs", "best-of-n"):
         raise _fail(f"--mode must be pairs or best-of-n, got {mode!r}")
+    if math.isnan(min_margin):
+        raise _fail("--min-margin must be a number, got nan")
     fn = export.export_dpo if mode == "pairs" else export.export_best_of_n
-    _export(out, fn, _read_scored(scored), min_margin=min_margin, fmt=fmt)
+    _export(out, fn, scored, s3_endpoint_url, min_margin=min_margin, fmt=fmt)
 
 
 @app.command("export-rft")
-def export_rft(scored: str, out: str, threshold: int = typer.Option(6, help="Single responses: a score >= this "
-                                                                     "means 'good'."), fmt: str = Fmt) -> None:
+def export_rft(scored: str, out: str, threshold: int = Threshold, fmt: str = Fmt,
+               s3_endpoint_url: Optional[str] = S3_ENDPOINT) -> None:
     """Rejective fine-tuning data (SPCT stage 1): correct samples of items that are not too easy."""
     from . import export
 
-    _export(out, export.export_rft, _read_scored(scored), threshold=threshold, fmt=fmt)
+    _export(out, export.export_rft, scored, s3_endpoint_url, threshold=threshold, fmt=fmt)
 
 
 @app.command("export-meta")
-def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As for export-rft."),
+def export_meta(scored: str, out: str, threshold: int = Threshold,
                 tokenizer: Optional[str] = typer.Option(None, help="Render `text` with this model's chat template "
                                                         "(a local path); default plain text."),
-                chat_fallback: str = typer.Option("plain", help="plain or gemma, for a tokenizer without a template.")
-                ) -> None:
+                chat_fallback: str = typer.Option("plain", help="plain or gemma, for a tokenizer without a template."),
+                s3_endpoint_url: Optional[str] = S3_ENDPOINT) -> None:
     """Meta-RM training data: every valid sample with a 0/1 correctness label."""
     from . import export
 
+    if chat_fallback not in ("plain", "gemma"):
+        raise _fail(f"--chat-fallback must be plain or gemma, got {chat_fallback!r}")
     tok = None
     if tokenizer:
         from transformers import AutoTokenizer
@@ -284,19 +327,22 @@ def export_meta(scored: str, out: str, threshold: int = typer.Option(6, help="As
             tok = AutoTokenizer.from_pretrained(tokenizer)
         except (OSError, ValueError) as e:  # a missing path reads as a bad hub id: say what was given
             raise _fail(f"--tokenizer {tokenizer}: cannot load a tokenizer there ({str(e).splitlines()[0]})") from None
-    _export(out, export.export_meta, _read_scored(scored), threshold=threshold, tokenizer=tok,
+    _export(out, export.export_meta, scored, s3_endpoint_url, threshold=threshold, tokenizer=tok,
             fallback=chat_fallback)
 
 
-def _export(out: str, fn, table, **kwargs) -> None:
+def _export(out: str, fn, scored: str, endpoint_url: str | None, **kwargs) -> None:
     from collections import Counter
 
+    if kwargs.get("fmt", "standard") not in ("standard", "conversational"):
+        raise _fail(f"--format must be standard or conversational, got {kwargs['fmt']!r}")
+    table = _read_scored(scored, endpoint_url)
     skipped: Counter = Counter()
     try:
         result = fn(table, skipped=skipped, **kwargs)
     except (KeyError, ValueError) as e:
         raise _fail(f"{fn.__name__}: {e}") from None
-    _write(out, result, table.num_rows, skipped)
+    _write(out, result, table.num_rows, skipped, endpoint_url)
 
 
 @dev.command("tiny-models")

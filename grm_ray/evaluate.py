@@ -468,7 +468,8 @@ def format_report(report: dict[str, Any]) -> str:
     if r.get("stability"):
         title = "Stability (winner of the first j samples = winner of all k)"
         lines.append(format_reliability(title, r["stability"]) if r["stability"]["n"]
-                     else "Stability: no rows with 2+ samples in the run's orders")
+                     else "Stability: nothing to hold out: it needs rows with k > n samples (a first j = n, 2n, "
+                          "4n ... below k) drawn in the run's own orders")
     if r["subsets"]:
         lines.append("Subsets (score = random tie-break accuracy, or AUC for single responses):")
         width = max(len(name) for name in r["subsets"])

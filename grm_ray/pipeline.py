@@ -504,7 +504,7 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
     storage.clean_temporaries(fs, out_dir)  # every task has ended: what a failed, retried write left goes
     led = read_ledger(fs, out_dir)
     check_counts(inputs, led)
-    summary = {"rows": led.rows, "error_rows": None, "output": out_dir, "new_rows": totals["rows"],
+    summary = {"rows": led.rows, "error_rows": None, "output": storage.uri(fs, out_dir), "new_rows": totals["rows"],
                "reused_rows": totals["reused"], "errors_new": totals["errors"], "samples": totals["samples"],
                "valid_samples": totals["valid"],
                "generated_tokens": totals["tokens"], "wall_seconds": round(time.time() - t0, 2),

@@ -649,7 +649,11 @@ def audit(cfg: JobConfig) -> dict[str, Any]:
     from ray.data.aggregate import Count, Sum
 
     fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
+    if not fs.exists(out_dir):  # a typo must not pass the audit as an empty output
+        raise FileNotFoundError(f"output {cfg.output} does not exist")
     parts = storage.committed_parts(fs, out_dir)
+    if not parts and not fs.exists(posixpath.join(out_dir, storage.JOB_FILE)):
+        raise JobError(f"{cfg.output} is not a grm-ray output: no {storage.JOB_FILE} and no committed parts")
     inputs = scan_inputs(cfg) if cfg.input else None
     sizes = {f.key: f.rows for f in inputs.files} if inputs else {}
     report: dict[str, Any] = {"output": storage.uri(fs, out_dir), "parts": len(parts), "rows": 0,

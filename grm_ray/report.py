@@ -61,7 +61,7 @@ def page_data(table: pa.Table) -> dict[str, Any]:
     return {"index": index, "detail": detail, "has_confidence": CONFIDENCE in table.column_names}
 
 
-def read(uri: str, limit: int | None = None) -> tuple[pa.Table, int | None]:
+def read(uri: str, limit: int | None = None, endpoint_url: str | None = None) -> tuple[pa.Table, int | None]:
     """The report's columns of a scored output (directory, Parquet file or s3:// URI), first `limit` rows;
     parts are read one at a time and reading stops once there are enough. Returns (table, total rows or None
     when reading stopped early)."""
@@ -69,7 +69,7 @@ def read(uri: str, limit: int | None = None) -> tuple[pa.Table, int | None]:
 
     from . import storage
 
-    fs, path = storage.filesystem(uri)
+    fs, path = storage.filesystem(uri, endpoint_url)
     files = storage.committed_parts(fs, path) if fs.isdir(path) else [path]
     if not files:
         raise FileNotFoundError(f"no scored parts (part-*.parquet) under {uri}")

@@ -258,4 +258,4 @@ def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> s
             pq.write_table(table, f)
         else:
             pq.ParquetWriter(f, table.schema).close()
-    return path
+    return f"s3://{path}" if is_s3(fs) else path

@@ -251,3 +251,38 @@ def test_export_meta_names_a_tokenizer_it_cannot_load(tmp_path):
                                    "--tokenizer", str(tmp_path / "no-such-model")])
     assert res.exit_code == 2 and "--tokenizer" in res.output and "no-such-model" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_export_eval_report_say_what_is_wrong_in_one_line(tmp_path):
+    """Bad option values, an input that is not scored, a copied part and output paths whose directory does
+    not exist yet: one line each (or done), never a traceback."""
+    from typer.testing import CliRunner
+
+    from grm_ray.cli import app
+
+    src = str(tmp_path / "scored.parquet")
+    pq.write_table(scored(pair_items()), src)
+    run = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    for args, says in [(["export-dpo", src, tmp_path / "o1", "--format", "chat"], "--format must be standard or "),
+                       (["export-dpo", src, tmp_path / "o2", "--min-margin", "nan"], "--min-margin must be a number"),
+                       (["export-rft", src, tmp_path / "o3", "--threshold", "11"], "--threshold"),
+                       (["export-meta", src, tmp_path / "o4", "--chat-fallback", "llama"], "--chat-fallback must be"),
+                       (["report", src, "-o", tmp_path / "r.html", "--limit", "0"], "--limit")]:
+        res = run(*args)
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, (args, res.output)
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}), raw)
+    res = run("export-dpo", raw, tmp_path / "o5")
+    assert res.exit_code == 2 and "is not a scored output" in res.output and "grm-ray score" in res.output
+
+    out = tmp_path / "out"  # a scored output with one part copied under a second name
+    out.mkdir()
+    pq.write_table(scored(pair_items()), out / "part-a.parquet")
+    pq.write_table(scored(pair_items()), out / "part-b.parquet")
+    res = run("export-dpo", out, tmp_path / "o6")
+    assert res.exit_code == 0 and "holds 7 row(s) more than once (e.g. t.parquet#0)" in res.stderr, res.output
+
+    res = run("report", src, "-o", tmp_path / "new" / "dir" / "r.html")
+    assert res.exit_code == 0 and (tmp_path / "new" / "dir" / "r.html").exists(), res.output
+    res = run("eval", src, "--plot", tmp_path / "plots" / "vk.png")
+    assert res.exit_code == 0 and (tmp_path / "plots" / "vk.png").exists(), res.output

@@ -351,3 +351,12 @@ def test_a_missing_input_stops_the_job_before_its_output_is_made(tmp_path):
             pipeline.run(cfg_for(tmp_path / missing, tmp_path / "out"))
         assert not (tmp_path / "out").exists()
     assert storage.input_exists(str(tmp_path)) and storage.input_exists(str(tmp_path) + "/*.parquet")
+
+
+def test_verify_refuses_a_path_that_is_not_an_output(tmp_path):
+    """A typo in `grm-ray verify`'s path must not pass the audit as an empty output."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plan.audit(cfg_for("", tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(plan.JobError, match="not a grm-ray output"):
+        plan.audit(cfg_for("", tmp_path / "empty"))
