@@ -277,8 +277,6 @@ def _write(out: str, table, scored_rows: int, skipped: dict[str, int], endpoint_
         typer.echo(f"skipped: {why}", err=True)
 
 
-
-
 @app.command("export-dpo")
 def export_dpo(scored: str, out: str,
                min_margin: float = typer.Option(0.0, help="pairs: skip pairs whose chosen-minus-rejected reward "
