@@ -113,6 +113,9 @@ def scan_inputs(cfg: JobConfig) -> Inputs:
         log.warning("%d file(s) under the input are not Parquet and are skipped: %s%s", len(skipped),
                     ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
         found = [x for x in found if x[1] is not None or x[2]]
+        if not found:  # a directory of CSV or JSON, say: a job of no rows would look like success
+            raise FileNotFoundError(f"no Parquet files under {cfg.input}: {len(skipped)} file(s) there, none of "
+                                    f"them Parquet (e.g. {skipped[0]})")
     # renames are decided over every file's columns, so a column keeps one output name across the input
     names = set().union(*(schema.names for _, schema, why in found if not why))
     renames = {fmt: input_renames(names, fmt) for fmt in {f.fmt for f, _, why in found if not why}}

@@ -73,6 +73,12 @@ def test_parquet_without_a_parquet_name_is_read_and_other_files_beside_it_skippe
     assert [(f.key, f.rows) for f in found.files] == [("000000_0", 2), ("a.parquet", 3)]
     assert sorted(found.bad_files) == ["000001_0", "broken.parquet"]
     assert "1 file(s) under the input are not Parquet and are skipped: README.txt" in caplog.text
+    only_text = tmp_path / "csv"
+    only_text.mkdir()
+    (only_text / "a.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(FileNotFoundError, match=r"no Parquet files under .*csv: 1 file\(s\) there, none of them "
+                                                r"Parquet \(e.g. a.csv\)"):
+        plan.scan_inputs(cfg_for(only_text))
     (inp / "README.txt").unlink()
     write(tmp_path / "notes.txt", 1)  # named explicitly, read whatever its name
     assert [f.rows for f in plan.scan_inputs(cfg_for(tmp_path / "notes.txt")).files] == [1]
