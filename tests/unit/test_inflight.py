@@ -71,3 +71,18 @@ def test_stage_stats_busy_counts_actors_with_a_batch_in_flight():
     s.report("MetaScorer", "c", {**fig, "in_flight": 1})
     assert s.busy() == {"GRMSampler": (1, 2), "MetaScorer": (1, 1)}
     assert s.summary(4)["GRMSampler"]["actors"] == 2
+
+
+def test_an_engine_takes_its_parents_cpu_priority():
+    """Ray starts workers at niceness 15, below its raylet; an engine (and the engine-core child it spawns)
+    takes its parent's back where the OS allows it (root or CAP_SYS_NICE), else keeps Ray's."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os; os.nice(15); from grm_ray.engines import take_parent_priority as t; print(t())"
+    got = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    lower = "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - 1)"
+    allowed = subprocess.run([sys.executable, "-c", lower], capture_output=True).returncode == 0  # the same right
+    assert got == (here if allowed else min(19, here + 15))
