@@ -239,13 +239,13 @@ def read_table(uri: str, endpoint_url: str | None = None, columns: list[str] | N
     return read_committed(fs, path, columns)
 
 
-def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> str:
+def write_table(uri_: str, table: pa.Table, endpoint_url: str | None = None) -> str:
     """Write one Parquet file (a path ending in .parquet) or data.parquet inside a directory.
 
     An empty table is written as its schema with no row group: pyarrow writes one row group of 0 rows,
     from which `datasets` takes a batch size of 0 and fails (ArrowInvalid: BatchSize must be greater than 0).
     """
-    fs, path = filesystem(uri, endpoint_url)
+    fs, path = filesystem(uri_, endpoint_url)
     if not path.endswith(".parquet"):
         fs.makedirs(path, exist_ok=True)
         path = posixpath.join(path, "data.parquet")
@@ -258,4 +258,4 @@ def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> s
             pq.write_table(table, f)
         else:
             pq.ParquetWriter(f, table.schema).close()
-    return f"s3://{path}" if is_s3(fs) else path
+    return uri(fs, path)

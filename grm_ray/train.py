@@ -141,13 +141,14 @@ def read_rows(uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]
     from .storage import list_inputs, looks_parquet, read_parquet
 
     fs, _, files = list_inputs(uri, endpoint_url)
-    files = [f for f in files if not f.get("listed") or looks_parquet(fs, f["name"])]
 
-    def one(f: dict[str, Any]) -> Any:
+    def one(f: dict[str, Any]) -> list[dict[str, Any]]:
+        if f.get("listed") and not looks_parquet(fs, f["name"]):  # a README beside the data: not rows
+            return []
         with fs.open(f["name"], "rb") as fh:
-            return read_parquet(fh)
+            return read_parquet(fh).to_pylist()
 
-    return [row for table in parallel(one, files) for row in table.to_pylist()]
+    return [row for rows in parallel(one, files) for row in rows]
 
 
 def _need(rows: list[dict[str, Any]], columns: tuple[str, ...], uri: str, made_by: str) -> None:
