@@ -44,6 +44,7 @@ class Hooks:
     hold_before_call: int | None = None
     hold_after_call: int | None = None
     hold_from_call: int | None = None
+    gate: str = "gate"
 
     def __init__(self, cfg):
         super().__init__(cfg)  # builds the real engine
@@ -67,27 +68,28 @@ class Hooks:
 
     async def _hold(self) -> None:
         """Wait at the gate without blocking the actor's loop: its other batches go on meanwhile."""
-        gate = os.path.join(self.tag_dir, "gate")
+        gate = os.path.join(self.tag_dir, self.gate)
         end = time.monotonic() + GATE_TIMEOUT
         while os.path.exists(gate) and time.monotonic() < end:
             await asyncio.sleep(0.05)
 
 
 def hooked(stage_cls: type, tag_dir: str, tag: str, hold_before_call: int | None = None,
-           hold_after_call: int | None = None, hold_from_call: int | None = None) -> type:
+           hold_after_call: int | None = None, hold_from_call: int | None = None, gate: str = "gate") -> type:
     """`stage_cls` with its real engine, plus:
 
     - once its engine is built, each instance leaves `tag_dir/<tag>-<pid>` holding its RSS and USS then
       (JSON), so a test can tell the GRM actor's process from the meta RM actor's (both are
       MapWorker(_StageActor)) and knows its memory before any batch;
     - each call leaves `tag_dir/call-<tag>-<pid>-<n>` as it starts (n counts the calls of that instance);
-    - call number `hold_before_call` waits, before the real call, while `tag_dir/gate` exists;
+    - call number `hold_before_call` waits, before the real call, while `tag_dir/<gate>` exists;
       call number `hold_after_call` waits likewise after it (the batch is sampled but not yet handed on);
-      every call from number `hold_from_call` on waits before the real call (batches pile up in flight).
+      every call from number `hold_from_call` on waits before the real call (batches pile up in flight);
+      two stages with different `gate` names are held and released apart.
     """
     return type(f"Hooked{stage_cls.__name__}", (Hooks, stage_cls),
                 {"tag_dir": tag_dir, "tag": tag, "hold_before_call": hold_before_call,
-                 "hold_after_call": hold_after_call, "hold_from_call": hold_from_call})
+                 "hold_after_call": hold_after_call, "hold_from_call": hold_from_call, "gate": gate})
 
 
 def tag_files(tag_dir, tag: str) -> dict[int, dict]:

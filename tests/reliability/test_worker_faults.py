@@ -61,32 +61,43 @@ def tagged_pids(tag_dir, tag: str) -> list[int]:
 
 @pytest.mark.timeout(900)
 def test_sigkill_grm_then_meta_actor_mid_run(ray_local, rel_cfg, tiny_models, tmp_path, hh_table, monkeypatch):
-    """Kill the GRM actor after the first commit, then the meta-RM actor after the next: every row once."""
+    """Kill the GRM actor after the first commit, then the meta-RM actor after the next: every row once.
+
+    Each actor is killed while it holds a batch at its gate (GRM from its 3rd call, meta from its 5th), so
+    the kill comes mid-run however fast the tiny engines are; the gate opens once the actor is dead."""
     inp = tmp_path / "in"
     inp.mkdir()
     pq.write_table(hh_table.slice(0, 40), inp / "hh.parquet", row_group_size=4)  # 10 units stream one by one
     tags = tmp_path / "tags"
     tags.mkdir()
+    hold = {"grm": 3, "meta": 5}
+    for tag in hold:
+        (tags / f"gate-{tag}").touch()
     # The real stages and engines; the subclasses only record which process holds which (rel_stages.hooked).
-    monkeypatch.setattr(pipeline, "build", functools.partial(
-        pipeline.build, grm_stage=rel_stages.hooked(pipeline.GRMSampler, str(tags), "grm")))
-    monkeypatch.setattr(pipeline, "MetaScorer", rel_stages.hooked(pipeline.MetaScorer, str(tags), "meta"))
+    monkeypatch.setattr(pipeline, "build", functools.partial(pipeline.build, grm_stage=rel_stages.hooked(
+        pipeline.GRMSampler, str(tags), "grm", hold_from_call=hold["grm"], gate="gate-grm")))
+    monkeypatch.setattr(pipeline, "MetaScorer", rel_stages.hooked(
+        pipeline.MetaScorer, str(tags), "meta", hold_from_call=hold["meta"], gate="gate-meta"))
     cfg = rel_cfg(meta_mode="classifier", meta_model=str(tiny_models["meta"]), k_meta=2)
 
     job = Background(cfg)
     kills = {}
     for tag in ("grm", "meta"):
-        # a commit after the previous kill: the pipeline is flowing again, and rows are still left
+        # a commit after the previous kill (the pipeline is flowing again), and this actor holding a batch
         floor = max(kills.values(), default=0)
         wait_for(lambda: n_committed(cfg) > floor or "error" in job.out, 600, f"a commit before killing {tag}")
         assert "error" not in job.out, job.out.get("error")
+        (pid,) = tagged_pids(tags, tag)
+        wait_for(lambda: (tags / f"call-{tag}-{pid}-{hold[tag]}").exists() or "error" in job.out, 300,
+                 f"the {tag} actor to hold its call {hold[tag]} at the gate")
+        assert "error" not in job.out, job.out.get("error")
         done = n_committed(cfg)
         assert done < 40, f"the run finished before the {tag} actor could be killed mid-run"
-        (pid,) = tagged_pids(tags, tag)
         os.kill(pid, signal.SIGKILL)
         kills[tag] = done
         wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                  30, f"the {tag} actor {pid} to die")
+        (tags / f"gate-{tag}").unlink()  # the restarted actor's calls go straight through
 
     summary = job.result(600)
     assert summary["rows"] == 40 and summary["bad_files"] == {}
