@@ -213,8 +213,11 @@ def report(scored: str = typer.Argument(..., help="Scored output directory, Parq
 
     try:
         table, total = read(scored, limit, s3_endpoint_url)
+    except ValueError as e:
+        raise _fail(str(e)) from None
     except Exception as e:  # noqa: BLE001 - storage errors, said in one line
         raise _storage_error(e, f"cannot read scored output {scored}") from None
+    _warn_duplicates(table, scored)
     _parent_made(out).write_text(render(table, f"grm-ray report: {scored}"), encoding="utf-8")
     typer.echo(f"wrote {out} ({table.num_rows} rows, {out.stat().st_size / 1e6:.1f} MB)")
     if total is None or total > table.num_rows:
@@ -225,9 +228,6 @@ def report(scored: str = typer.Argument(..., help="Scored output directory, Parq
 def _read_scored(uri: str, endpoint_url: str | None = None):
     """A scored output's rows; a warning when some appear twice (a copied part), which every figure and
     export would count twice."""
-    import pyarrow.compute as pc
-
-    from .schema import SOURCE
     from .storage import read_table
 
     try:
@@ -236,15 +236,25 @@ def _read_scored(uri: str, endpoint_url: str | None = None):
         raise _storage_error(e, f"cannot read scored output {uri}") from None
     if "rewards" not in table.column_names:
         raise _fail(f"{uri} is not a scored output (no `rewards` column): score it with `grm-ray score` first")
-    if SOURCE in table.column_names:
-        counts = table.group_by(SOURCE, use_threads=False).aggregate([(SOURCE, "count")])
-        twice = counts.filter(pc.greater(counts.column(f"{SOURCE}_count"), 1))
-        if twice.num_rows:
-            extra = pc.sum(twice.column(f"{SOURCE}_count")).as_py() - twice.num_rows
-            typer.secho(f"warning: {uri} holds {extra} row(s) more than once (e.g. {twice.column(SOURCE)[0]}), "
-                        f"which this counts each time: a copied part? `grm-ray verify {uri}` names the parts",
-                        fg="yellow", err=True)
+    _warn_duplicates(table, uri)
     return table
+
+
+def _warn_duplicates(table, uri: str) -> None:
+    """Warn when rows appear twice (a copied part), which every figure, export and report would show twice."""
+    import pyarrow.compute as pc
+
+    from .schema import SOURCE
+
+    if SOURCE not in table.column_names:
+        return
+    counts = table.group_by(SOURCE, use_threads=False).aggregate([(SOURCE, "count")])
+    twice = counts.filter(pc.greater(counts.column(f"{SOURCE}_count"), 1))
+    if twice.num_rows:
+        extra = pc.sum(twice.column(f"{SOURCE}_count")).as_py() - twice.num_rows
+        typer.secho(f"warning: {uri} holds {extra} row(s) more than once (e.g. {twice.column(SOURCE)[0]}), "
+                    f"which this counts each time: a copied part? `grm-ray verify {uri}` names the parts",
+                    fg="yellow", err=True)
 
 
 def _storage_error(e: Exception, what: str) -> typer.Exit:

@@ -79,6 +79,9 @@ def read(uri: str, limit: int | None = None, endpoint_url: str | None = None) ->
             return pa.concat_tables(tables, promote_options="default").slice(0, limit), None
         with fs.open(f, "rb") as fh:  # one footer read; in this thread, as storage.read_parquet says why
             pf = pq.ParquetFile(fh)
+            if S.REWARDS not in pf.schema_arrow.names:
+                raise ValueError(f"{storage.uri(fs, f)} is not a scored output (no `rewards` column): score it "
+                                 "with `grm-ray score` first")
             tables.append(pf.read(columns=[c for c in COLUMNS if c in pf.schema_arrow.names], use_threads=False))
         rows += tables[-1].num_rows
     table = pa.concat_tables(tables, promote_options="default")

@@ -352,6 +352,11 @@ def _build(cfg: TrainConfig, out_dir: str, callbacks: list):
         from trl import GRPOConfig, GRPOTrainer
 
         data = Dataset.from_list(grpo_examples(rows, tok, cfg))
+        need = cfg.batch_size * cfg.grad_accum  # one generation batch: TRL's sampler makes no step from fewer
+        if len(data) < need:
+            raise ValueError(f"{cfg.data}: {len(data)} usable prompt(s), fewer than one GRPO step takes (batch_size "
+                             f"x grad_accum = {cfg.batch_size} x {cfg.grad_accum}); lower --grad-accum or give "
+                             "more rows")
         model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=dtype)
         common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
         args = GRPOConfig(**common, beta=cfg.beta, num_generations=cfg.num_generations,

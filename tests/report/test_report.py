@@ -172,9 +172,10 @@ def test_100k_rows_stay_responsive(tmp_path, browser, capsys):
 def test_report_reads_parts_up_to_the_limit_and_says_so(tmp_path):
     out = tmp_path / "scored"
     out.mkdir()
-    pq.write_table(synth(100, seed=1), out / "part-a.parquet")
-    pq.write_table(synth(100, seed=2), out / "part-b.parquet")
-    pq.write_table(synth(100, seed=3), out / "part-c.parquet")
+    for seed, name in enumerate("abc", 1):  # each part its own file's rows
+        t = synth(100, seed=seed)
+        src = pa.array([f"{name}.parquet#{i}" for i in range(t.num_rows)])
+        pq.write_table(t.set_column(t.schema.get_field_index(S.SOURCE), S.SOURCE, src), out / f"part-{name}.parquet")
     cli = CliRunner()
     res = cli.invoke(app, ["report", str(out), "-o", str(tmp_path / "r.html"), "--limit", "150"])
     assert res.exit_code == 0, res.output
@@ -185,3 +186,20 @@ def test_report_reads_parts_up_to_the_limit_and_says_so(tmp_path):
     assert "(300 rows" in res.stdout and "warning" not in res.stderr
     res = cli.invoke(app, ["report", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.html")])
     assert res.exit_code == 2 and "cannot read scored output" in res.output
+
+
+def test_report_refuses_an_unscored_file_and_warns_of_rows_twice(tmp_path):
+    """An input never scored is refused (as eval and the exports do), not drawn as a page of empty rows;
+    a copied part is warned of, since the page would show its rows twice."""
+    cli = CliRunner()
+    raw = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"chosen": ["Human: hi Assistant: a"] * 8, "rejected": ["Human: hi Assistant: b"] * 8}), raw)
+    res = cli.invoke(app, ["report", str(raw), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "is not a scored output (no `rewards` column)" in res.output, res.output
+    assert not (tmp_path / "r.html").exists()
+    out = tmp_path / "scored"
+    out.mkdir()
+    pq.write_table(synth(10), out / "part-a.parquet")
+    pq.write_table(synth(10), out / "part-a-copy.parquet")
+    res = cli.invoke(app, ["report", str(out), "-o", str(tmp_path / "d.html")])
+    assert res.exit_code == 0 and "holds 10 row(s) more than once" in res.stderr, res.output

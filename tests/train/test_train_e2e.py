@@ -162,6 +162,10 @@ def test_grpo_rule_reward_only(data, tiny_models, tmp_path):
     assert -1 <= step["rewards/rule_reward/mean"] <= 1 and set(step) & {"reward", "reward_std"}
     assert "kl" in step and s["config"]["beta"] == 0.08
     assert (out / "config.json").exists()
+    # fewer prompts than one step takes: said in grm-ray's words, not TRL's "max_steps must be set"
+    res = cli.invoke(app, ["train", "grpo", str(data["input"]), str(tmp_path / "grpo8"), "--base",
+                           str(tiny_models["grm"]), "--grad-accum", "8"])
+    assert res.exit_code == 2 and "6 usable prompt(s), fewer than one GRPO step takes" in res.output, res.output
 
 
 def test_meta_rm_on_ray_train_with_s3_checkpoints(data, tiny_models, tmp_path, s3_endpoint, ray_local):
