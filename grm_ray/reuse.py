@@ -38,8 +38,11 @@ ROWS_PER_JOIN_PARTITION = 20_000     # join partitions are sized for this many i
 
 def options_digest(config: dict[str, Any]) -> str:
     """sha256 of the result-changing options of a resolved config (`JobConfig.public()` or a `_job.json`'s)."""
-    chosen = {k: config.get(k) for k in RESULT_KEYS if k != "input"}
-    return _sha(json.dumps(chosen, sort_keys=True, default=str))
+    return _sha(_canonical({k: config.get(k) for k in RESULT_KEYS if k != "input"}))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def content_key(item: dict[str, Any], digest: str) -> str:
@@ -65,7 +68,16 @@ def previous_parts(cfg: Any) -> tuple[list[str], str]:
     if job.get("status") != "complete":
         log.warning("--reuse %s: that run is %s; its committed rows are reused all the same",
                     cfg.reuse, job.get("status"))
+    now = cfg.public()
+    changed = [f"{k} {job['config'].get(k)!r} there, {now.get(k)!r} now" for k in RESULT_KEYS
+               if k != "input" and _canonical(job["config"].get(k)) != _canonical(now.get(k))]
+    if changed:  # the content keys hold the options: not one row can match
+        log.warning("--reuse %s was scored with other result-changing options (%s): none of its rows is "
+                    "reused, every row is scored", cfg.reuse, "; ".join(changed))
+        return [], options_digest(job["config"])
     parts = storage.committed_parts(fs, prev_dir)
+    if not parts:
+        log.warning("--reuse %s holds no committed parts; every row is scored", cfg.reuse)
     return [f"s3://{p}" if cfg.reuse.startswith("s3://") else p for p in parts], options_digest(job["config"])
 
 
@@ -107,8 +119,7 @@ def split(ds: Any, cfg: Any, passthrough: pa.Schema, rows: int) -> tuple[Any, An
     from .pipeline import LIGHT_CPUS
 
     parts, digest = previous_parts(cfg)
-    if not parts:
-        log.warning("--reuse %s holds no committed parts; every row is scored", cfg.reuse)
+    if not parts:  # (previous_parts said why)
         return None, ds
     prev = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts))
     prev = prev.map_batches(read_previous, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,

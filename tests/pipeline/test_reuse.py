@@ -94,3 +94,24 @@ def test_one_previous_row_per_key():
     block = pa.table({"content_key": ["a", "b", "a", "c", "b"], "_prev_rewards": [[1.0], [2.0], [3.0], [4.0], [5.0]]})
     assert _first_per_key(block).to_pydict() == {"content_key": ["a", "b", "c"],
                                                  "_prev_rewards": [[1.0], [2.0], [4.0]]}
+
+
+def test_a_previous_output_of_other_options_is_said_and_not_joined(tmp_path, tiny_cfg, caplog):
+    """Rows scored with other result-changing options can never match: the run says which options differ
+    and skips the join, instead of scoring every row without a word."""
+    from grm_ray.reuse import previous_parts
+
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    (prev / "part-0.parquet").write_bytes(b"")  # listed only: nothing is read when the options differ
+    cfg = tiny_cfg(k=2, reuse=str(prev))
+    storage.write_json(storage.filesystem(str(prev))[0], str(prev / storage.JOB_FILE),
+                       {"status": "complete", "config": cfg.model_copy(update={"k": 4}).public()})
+    with caplog.at_level("WARNING", logger="grm_ray"):
+        assert previous_parts(cfg) == ([], options_digest(cfg.model_copy(update={"k": 4}).public()))
+    assert "other result-changing options (k 4 there, 2 now)" in caplog.text
+    caplog.clear()
+    storage.write_json(storage.filesystem(str(prev))[0], str(prev / storage.JOB_FILE),
+                       {"status": "complete", "config": cfg.public()})
+    assert previous_parts(cfg) == ([str(prev / "part-0.parquet")], options_digest(cfg.public()))
+    assert "result-changing" not in caplog.text
