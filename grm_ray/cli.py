@@ -134,12 +134,11 @@ def verify(output: str = typer.Argument(..., help="Scored output directory or s3
     from .plan import JobError, audit
 
     cfg = resolve(None, input=input or "", output=output, s3_endpoint_url=s3_endpoint_url, ray_address=ray_address)
-    init_ray(cfg)
     import ray.data  # its logger configured on import; then quiet: the report below is the output
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        report = audit(cfg)
+        report = audit(cfg, start_ray=lambda: init_ray(cfg))  # Ray starts once the paths are checked
     except (JobError, FileNotFoundError, PermissionError) as e:
         raise _fail(str(e)) from None
     typer.echo(json.dumps(report, indent=2))
@@ -195,12 +194,20 @@ def eval_(scored: str = typer.Argument(..., help="Scored output directory, Parqu
     if plot:
         if not report["curves"]["items"]:
             typer.secho("warning: no labelled multi-response items with samples; the plot is empty", err=True)
-        plot_curves(report, str(_parent_made(plot)))
+        _draw(plot_curves, report, plot)
         typer.echo(f"plot: {plot}", err=as_json)
     if reliability_plot:
         rels = {"stability": report["stability"], "against labels": report["confidence_vs_labels"]}
-        plot_reliability({k: v for k, v in rels.items() if v and v.get("n")}, str(_parent_made(reliability_plot)))
+        _draw(plot_reliability, {k: v for k, v in rels.items() if v and v.get("n")}, reliability_plot)
         typer.echo(f"reliability plot: {reliability_plot}", err=as_json)
+
+
+def _draw(plot: Any, data: Any, path: Path) -> None:
+    """A figure into `path` (its directory made); a path that cannot be written is said in one line."""
+    try:
+        plot(data, str(_parent_made(path)))
+    except OSError as e:
+        raise _fail(f"cannot write {path}: {e}") from None
 
 
 @app.command()

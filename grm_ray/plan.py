@@ -644,10 +644,10 @@ def _alive(pid: int | None, started: float | None) -> bool:
 
 # ---- row-level audit --------------------------------------------------------------------------------------
 
-def audit(cfg: JobConfig) -> dict[str, Any]:
+def audit(cfg: JobConfig, start_ray: Callable[[], Any] = lambda: None) -> dict[str, Any]:
     """`grm-ray verify`: every committed row's `source`, read in parallel by Ray Data tasks and grouped there,
     against each part's own record and (with cfg.input) the input's row counts. The driver gets per-file
-    aggregates and a few examples, never the rows."""
+    aggregates and a few examples, never the rows. `start_ray` is called once the paths are known good."""
     import ray
     from ray.data.aggregate import Count, Sum
 
@@ -659,6 +659,7 @@ def audit(cfg: JobConfig) -> dict[str, Any]:
         raise JobError(f"{cfg.output} is not a grm-ray output: no {storage.JOB_FILE} and no committed parts")
     inputs = scan_inputs(cfg) if cfg.input else None
     sizes = {f.key: f.rows for f in inputs.files} if inputs else {}
+    start_ray()
     report: dict[str, Any] = {"output": storage.uri(fs, out_dir), "parts": len(parts), "rows": 0,
                               "duplicated_rows": 0, "missing_rows": 0, "orphaned_rows": 0,
                               "record_mismatches": [], "examples": []}

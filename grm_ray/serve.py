@@ -301,6 +301,19 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port another process holds, said in one line (Ray Serve's proxy would fail with a traceback)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror} (another server there? choose "
+                              "another with --port)") from None
+
+
 def serve_command(config: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
                   token: Optional[str] = None, detach: bool = False, timeout_s: float = 600.0,
                   **options: Any) -> int:
@@ -308,12 +321,14 @@ def serve_command(config: Optional[str] = None, host: str = "127.0.0.1", port: i
     cfg = load_config(config, **options)
     token = token or os.environ.get(TOKEN_ENV) or None
     print("grm-ray serve, resolved config:\n" + json.dumps(cfg.public(), indent=2), flush=True)
-    from .pipeline import init_ray
+    from .pipeline import init_ray, on_cluster
 
+    if not on_cluster(cfg):  # said before a local Ray starts, not in its tracebacks after
+        if detach:
+            raise ConfigError("--detach needs a running cluster (--ray-address or RAY_ADDRESS): a local Ray "
+                              "stops with this process")
+        _check_port(host, port)
     local = init_ray(cfg)
-    if detach and local:
-        raise ConfigError("--detach needs a running cluster (--ray-address or RAY_ADDRESS): a local Ray "
-                          "stops with this process")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg, token, timeout_s=timeout_s), name=APP_NAME, route_prefix="/")
     print(f"grm-ray serve: POST http://{host}:{port}/score "

@@ -184,3 +184,24 @@ def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
     with pytest.raises(ConfigError, match=r"invalid job config: k:") as e:
         load_config(cfg_file, k=0)
     assert str(cfg_file) not in str(e.value)  # the file is fine; the command line set k
+
+
+def test_serve_says_a_busy_port_or_a_local_detach_before_starting_ray(monkeypatch):
+    """Both are said in one line, before a local Ray starts (they used to end in Ray Serve's tracebacks)."""
+    import socket
+
+    import ray
+
+    from grm_ray.serve import serve_command
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = ray.is_initialized()  # (a whole test session's Ray may be up already)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}: Address already in use"):
+            serve_command(None, port=port)
+    with pytest.raises(ConfigError, match="--detach needs a running cluster"):
+        serve_command(None, detach=True)
+    assert ray.is_initialized() == started
