@@ -419,6 +419,10 @@ def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
     t0 = time.time()
     if not storage.input_exists(cfg.input, cfg.s3_endpoint_url):  # checked first: a typo leaves no output behind
         raise FileNotFoundError(f"input {cfg.input} does not exist")
+    if cfg.reuse:
+        from .reuse import previous_job
+
+        previous_job(cfg)
     fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     storage.make_output_dir(fs, out_dir)
     lease = Lease(fs, out_dir, cfg.lease_expiry)

@@ -59,12 +59,20 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def previous_parts(cfg: Any) -> tuple[list[str], str]:
-    """The committed parts of cfg.reuse and the options digest of the job that wrote them (driver: one listing)."""
+def previous_job(cfg: Any) -> tuple[Any, str, dict[str, Any]]:
+    """(fs, directory, _job.json) of cfg.reuse; JobError when it is not a grm-ray output (checked before the
+    job makes its own output)."""
     fs, prev_dir = storage.filesystem(cfg.reuse, cfg.s3_endpoint_url)
     job = storage.read_json(fs, posixpath.join(prev_dir, storage.JOB_FILE))
     if job is None:
-        raise JobError(f"--reuse {cfg.reuse}: no {storage.JOB_FILE} there, so it is not a grm-ray output")
+        what = "no such path" if not fs.exists(prev_dir) else f"no {storage.JOB_FILE} there"
+        raise JobError(f"--reuse {cfg.reuse}: {what}, so it is not a grm-ray output")
+    return fs, prev_dir, job
+
+
+def previous_parts(cfg: Any) -> tuple[list[str], str]:
+    """The committed parts of cfg.reuse and the options digest of the job that wrote them (driver: one listing)."""
+    fs, prev_dir, job = previous_job(cfg)
     if job.get("status") != "complete":
         log.warning("--reuse %s: that run is %s; its committed rows are reused all the same",
                     cfg.reuse, job.get("status"))

@@ -357,6 +357,12 @@ def test_a_missing_input_stops_the_job_before_its_output_is_made(tmp_path):
             pipeline.run(cfg_for(tmp_path / missing, tmp_path / "out"))
         assert not (tmp_path / "out").exists()
     assert storage.input_exists(str(tmp_path)) and storage.input_exists(str(tmp_path) + "/*.parquet")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "not-an-output").mkdir()
+    for prev, why in (("gone", "no such path"), ("not-an-output", "no _job.json there")):  # --reuse likewise
+        with pytest.raises(plan.JobError, match=f"--reuse .*{prev}: {why}, so it is not a grm-ray output"):
+            pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out").model_copy(update={"reuse": str(tmp_path / prev)}))
+        assert not (tmp_path / "out").exists()
 
 
 def test_verify_refuses_a_path_that_is_not_an_output(tmp_path):
