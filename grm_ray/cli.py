@@ -216,11 +216,15 @@ def report(scored: str = typer.Argument(..., help="Scored output directory, Parq
            limit: int = typer.Option(100_000, min=1, help="Show at most this many rows (the first parts' rows)."),
            s3_endpoint_url: Optional[str] = S3_ENDPOINT) -> None:
     """Write one self-contained HTML page to audit a scored output: critiques, votes, filters, sort."""
+    import pyarrow as pa
+
     from .report import read, render
 
     try:
         table, total = read(scored, limit, s3_endpoint_url)
-    except ValueError as e:
+    except pa.ArrowInvalid as e:  # not Parquet at all
+        raise _fail(f"cannot read scored output {scored}: {e}") from None
+    except ValueError as e:  # Parquet, but not a scored output
         raise _fail(str(e)) from None
     except Exception as e:  # noqa: BLE001 - storage errors, said in one line
         raise _storage_error(e, f"cannot read scored output {scored}") from None

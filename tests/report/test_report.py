@@ -197,6 +197,9 @@ def test_report_refuses_an_unscored_file_and_warns_of_rows_twice(tmp_path):
     res = cli.invoke(app, ["report", str(raw), "-o", str(tmp_path / "r.html")])
     assert res.exit_code == 2 and "is not a scored output (no `rewards` column)" in res.output, res.output
     assert not (tmp_path / "r.html").exists()
+    (tmp_path / "notes.parquet").write_text("not Parquet")
+    res = cli.invoke(app, ["report", str(tmp_path / "notes.parquet"), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "cannot read scored output" in res.output and "notes.parquet" in res.output
     out = tmp_path / "scored"
     out.mkdir()
     pq.write_table(synth(10), out / "part-a.parquet")
