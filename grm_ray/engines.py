@@ -89,12 +89,12 @@ def take_parent_priority() -> int:
     below the raylet, GCS and driver, and on a busy CPU node that throttles the job's critical path (the
     engine core, a child, inherits this). Where the OS allows it (root or CAP_SYS_NICE); returns the niceness."""
     try:
-        mine, parent = os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, os.getppid())
-        if mine > parent:
+        parent = os.getpriority(os.PRIO_PROCESS, os.getppid())
+        if os.getpriority(os.PRIO_PROCESS, 0) > parent:
             os.setpriority(os.PRIO_PROCESS, 0, parent)
-        return os.getpriority(os.PRIO_PROCESS, 0)
     except OSError:  # not permitted, or the parent is gone: Ray's setting stands
-        return os.getpriority(os.PRIO_PROCESS, 0)
+        pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 class _Loop:
