@@ -124,17 +124,19 @@ class StageClock:
                 "idle_seconds": self.idle, "batch_seconds": self.area, "in_flight": self.in_flight}
 
 
-def stage_summary(reports: dict[tuple[str, str], dict[str, float]], max_in_flight: int) -> dict[str, dict]:
-    """Per stage, over its actors' latest reports: counts, busy and idle time, mean batches in flight; an
-    engine pool idle over a fifth of its time is logged as starved, with what to change."""
+def stage_summary(reports: dict[tuple[str, ...], dict[str, float]], max_in_flight: int) -> dict[str, dict]:
+    """Per stage, over the latest report of each life of its actors (keys: stage, actor[, life]): counts, busy
+    and idle time, mean batches in flight; an actor Ray restarted is one actor. An engine pool idle over a
+    fifth of its time is logged as starved, with what to change."""
     out: dict[str, dict] = {}
-    for (stage, _), r in reports.items():
-        s = out.setdefault(stage, {"actors": 0, "batches": 0, "rows": 0, "span_seconds": 0.0, "idle_seconds": 0.0,
-                                   "batch_seconds": 0.0})
-        s["actors"] += 1
-        for key in ("batches", "rows", "span_seconds", "idle_seconds", "batch_seconds"):
-            s[key] += r[key]
+    for key, r in reports.items():
+        s = out.setdefault(key[0], {"actors": set(), "batches": 0, "rows": 0, "span_seconds": 0.0,
+                                    "idle_seconds": 0.0, "batch_seconds": 0.0})
+        s["actors"].add(key[1])
+        for name in ("batches", "rows", "span_seconds", "idle_seconds", "batch_seconds"):
+            s[name] += r[name]
     for stage, s in out.items():
+        s["actors"] = len(s["actors"])
         span = s["span_seconds"] or 1e-9
         s["idle_share"] = round(s["idle_seconds"] / span, 3)
         s["mean_batches_in_flight"] = round(s.pop("batch_seconds") / span, 2)
@@ -151,10 +153,12 @@ class StageStats:
     """Ray actor of a run: engine actors send their StageClock reports; the driver reads the per-stage summary."""
 
     def __init__(self):
-        self.reports: dict[tuple[str, str], dict[str, float]] = {}
+        self.reports: dict[tuple[str, str, str], dict[str, float]] = {}
+        self.life: dict[tuple[str, str], str] = {}  # an actor's current process: Ray restarts it in another
 
-    def report(self, stage: str, actor: str, figures: dict[str, float]) -> None:
-        self.reports[(stage, actor)] = figures
+    def report(self, stage: str, actor: str, figures: dict[str, float], life: str = "") -> None:
+        self.reports[(stage, actor, life)] = figures
+        self.life[(stage, actor)] = life
 
     def summary(self, max_in_flight: int) -> dict[str, dict]:
         return stage_summary(self.reports, max_in_flight)
@@ -162,9 +166,9 @@ class StageStats:
     def busy(self) -> dict[str, tuple[int, int]]:
         """Per stage: actors with a batch in flight now, actors that have had one (the live display)."""
         out: dict[str, tuple[int, int]] = {}
-        for (stage, _), r in self.reports.items():
+        for (stage, actor), life in self.life.items():
             busy, seen = out.get(stage, (0, 0))
-            out[stage] = (busy + (r["in_flight"] > 0), seen + 1)
+            out[stage] = (busy + (self.reports[(stage, actor, life)]["in_flight"] > 0), seen + 1)
         return out
 
 
@@ -186,7 +190,13 @@ class _StageActor:
         self.stage = stage_cls(cfg)
         self.name = name or stage_cls.__name__
         warn_if_underfed(cfg, getattr(getattr(self.stage, "engine", None), "max_num_seqs", None), self.name)
-        self.stats, self.clock, self.id = stats, StageClock(), f"{os.getpid()}-{id(self)}"
+        self.stats, self.clock, self.life = stats, StageClock(), str(os.getpid())
+        try:  # Ray keeps an actor's id when it restarts it, so a restarted actor is counted once
+            import ray
+
+            self.id = ray.get_runtime_context().get_actor_id() or f"{self.life}-{id(self)}"
+        except Exception:  # noqa: BLE001 - outside Ray (pure-logic tests)
+            self.id = f"{self.life}-{id(self)}"
 
     async def __call__(self, table: pa.Table) -> pa.Table:
         self._report(self.clock.enter())
@@ -197,7 +207,7 @@ class _StageActor:
 
     def _report(self, figures: dict[str, float]) -> None:
         if self.stats is not None:  # two small messages per batch, never awaited
-            self.stats.report.remote(self.name, self.id, figures)
+            self.stats.report.remote(self.name, self.id, figures, self.life)
 
 
 def warn_if_underfed(cfg: JobConfig, max_num_seqs: int | None, stage: str) -> bool:

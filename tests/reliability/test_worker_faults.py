@@ -109,6 +109,9 @@ def test_sigkill_grm_then_meta_actor_mid_run(ray_local, rel_cfg, tiny_models, tm
         assert len(kept) == 2 and all(s["meta_score"] is not None for s in kept)
     # each pool was restarted: a new process built the stage again
     assert [len(list(tags.glob(f"{t}-*"))) for t in ("grm", "meta")] == [2, 2]
+    # ... and the run summary counts each restarted actor once, with the rows of both its lives
+    assert {s: (v["actors"], v["rows"] >= 40) for s, v in summary["stages"].items() if s != "commit"} == {
+        "GRMSampler": (1, True), "MetaScorer": (1, True)}, summary["stages"]
     print(f"\nRESULT worker-kill: GRM actor killed at {kills['grm']}/40 rows committed, meta actor at "
           f"{kills['meta']}/40; the job finished with 40/40 rows once in {summary['wall_seconds']:.0f} s")
 

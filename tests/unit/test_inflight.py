@@ -73,6 +73,20 @@ def test_stage_stats_busy_counts_actors_with_a_batch_in_flight():
     assert s.summary(4)["GRMSampler"]["actors"] == 2
 
 
+def test_a_restarted_actor_is_one_actor_and_keeps_the_rows_of_its_first_life():
+    """Ray restarts a killed actor under the same id, in another process: its batch in flight at death is
+    not busy any more, and the rows of both lives count."""
+    from grm_ray.pipeline import StageStats
+
+    s = StageStats()
+    fig = {"batches": 2, "rows": 8, "span_seconds": 3.0, "idle_seconds": 0.0, "batch_seconds": 3.0}
+    s.report("GRMSampler", "a", {**fig, "in_flight": 1}, life="100")  # killed holding a batch
+    s.report("GRMSampler", "a", {**fig, "in_flight": 0, "rows": 4}, life="200")
+    assert s.busy() == {"GRMSampler": (0, 1)}
+    out = s.summary(4)["GRMSampler"]
+    assert out["actors"] == 1 and out["rows"] == 12 and out["batches"] == 4
+
+
 def test_an_engine_takes_its_parents_cpu_priority():
     """Ray starts workers at niceness 15, below its raylet; an engine (and the engine-core child it spawns)
     takes its parent's back where the OS allows it (root or CAP_SYS_NICE), else keeps Ray's."""
