@@ -103,8 +103,11 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
         raise RowError(f"field '{field}' must be a string or a non-empty list of {{role, content}} messages")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(f"field '{field}[{i}]' must be a {{role, content}} mapping")
+        if not isinstance(m, dict):
+            raise RowError(f"field '{field}[{i}]' must be a {{role, content}} mapping, got {type(m).__name__}")
+        missing = [key for key in ("role", "content") if key not in m]
+        if missing:
+            raise RowError(f"field '{field}[{i}]' has no {' or '.join(repr(key) for key in missing)}")
         role = _text(m["role"], f"{field}[{i}].role")
         if role not in ("system", "user", "assistant"):
             raise RowError(f"field '{field}[{i}].role' is {role!r}; expected system, user or assistant")

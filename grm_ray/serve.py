@@ -105,7 +105,7 @@ def parse_request(body: bytes, cfg: JobConfig) -> ScoreRequest:
         if not isinstance(r, str):
             raise BadRequest(f"field 'responses[{i}]' must be a string, got {type(r).__name__}")
     k = _int_field(data, "k", 1, MAX_K)
-    k_meta = _int_field(data, "k_meta", 1, MAX_K)
+    k_meta = _int_field(data, "k_meta", 1, k or cfg.k)
     if k_meta is not None and cfg.meta_mode == "none":
         raise BadRequest("field 'k_meta' needs a meta RM; this server votes without one (meta_mode none)")
     k, k_meta = request_k(cfg, k, k_meta)
@@ -138,8 +138,6 @@ def request_k(cfg: JobConfig, k: Optional[int], k_meta: Optional[int]) -> tuple[
         return k, None
     if k_meta is None:
         k_meta = max(1, round(k * cfg.k_meta / cfg.k)) if cfg.k_meta else None
-    elif k_meta > k:
-        raise BadRequest(f"field 'k_meta' ({k_meta}) cannot exceed k ({k})")
     return k, k_meta
 
 
