@@ -546,5 +546,9 @@ def train_ray(cfg: TrainConfig) -> dict[str, Any]:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run cfg.recipe in this process (workers 0) or on Ray Train; returns a short summary."""
+    from .storage import input_exists
+
+    if not input_exists(cfg.data, cfg.s3_endpoint_url):  # before the checkpoint directory is made
+        raise FileNotFoundError(f"training data {cfg.data} does not exist")
     _imports()
     return train_ray(cfg) if cfg.workers else train_local(cfg)
