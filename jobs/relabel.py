@@ -85,9 +85,7 @@ def job_config(args: argparse.Namespace, date: str) -> JobConfig:
     cfg = load_config(args.config, **overrides, input=args.input.replace("{date}", date),
                       output=args.output.replace("{date}", date), overwrite=True if args.force else None)
     if getattr(args, "reuse_last", False):
-        previous = last_complete(args.output, date, cfg.s3_endpoint_url)
-        log.info("reusing labels of %s", previous) if previous else log.info("no earlier complete date to reuse")
-        cfg.reuse = previous
+        cfg.reuse = last_complete(args.output, date, cfg.s3_endpoint_url)
     return cfg
 
 
@@ -147,6 +145,8 @@ def relabel(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
             rep = report(date, cfg, "complete", previous.get("summary"))
             storage.write_json(fs, report_path, rep)
         return 0, {**rep, "skipped": True}
+    if getattr(args, "reuse_last", False):
+        log.info("reusing labels of %s", cfg.reuse) if cfg.reuse else log.info("no earlier complete date to reuse")
     log.info("relabelling %s: %s -> %s, resolved config:\n%s", date, cfg.input, cfg.output,
              json.dumps(cfg.public(), indent=2))
     started = time.time()
