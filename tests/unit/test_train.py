@@ -113,3 +113,12 @@ def test_read_rows_gives_every_row_of_every_file_in_file_order(tmp_path):
     rows = read_rows(str(tmp_path))
     assert [r["prompt"] for r in rows] == [f"q{i}-{j}" for i in range(5) for j in range(3)]
     assert read_rows(str(tmp_path / "part-03.parquet"))[0] == {"prompt": "q3-0", "completion": "c"}
+
+
+def test_a_missing_data_path_is_refused_before_the_checkpoint_directory_is_made(tmp_path):
+    from grm_ray.train import train
+
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="missing.parquet does not exist"):
+        train(cfg(data=str(tmp_path / "missing.parquet"), output=str(out)))
+    assert list(tmp_path.iterdir()) == []  # no OUTPUT-checkpoints/_run_config.json left behind
