@@ -89,7 +89,7 @@ class Inputs:
 
 def scan_inputs(cfg: JobConfig) -> Inputs:
     """List cfg.input and read each file's footer (in parallel): rows, row groups, format, schema."""
-    fs, root, infos = storage.list_inputs(cfg.input, cfg.s3_endpoint_url)
+    fs, root, infos = storage.list_inputs(cfg.input, cfg.s3_endpoint_url, exclude=cfg.output)
 
     def footer(info: dict[str, Any]) -> tuple[InputFile, pa.Schema | None, str | None]:
         f = InputFile(path=info["name"], key=posixpath.relpath(info["name"], root),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import uuid
@@ -19,6 +20,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
 PART_PREFIX = "part-"
@@ -85,49 +88,82 @@ def _is_glob(path: str) -> bool:
 
 
 def input_root(uri_: str, endpoint_url: str | None = None) -> str:
-    """What an input URI's row keys are relative to, without listing anything: 'in', 'in/', './in' and the
-    absolute path are one input, and so are 'd/dt=*' and 'd/dt=*/*.parquet' (both keyed under 'd')."""
+    """What an input URI's row keys are relative to, without listing: 'in', 'in/', './in' and the absolute
+    path are one input, and so are 'd/dt=*' and 'd/dt=*/*.parquet' (both keyed under 'd'), and 'd/x.parquet'
+    with 'd' (a single file's keys are relative to its directory)."""
     fs, path = filesystem(uri_, endpoint_url)
     path = posixpath.normpath(path.rstrip("/"))
+    if _is_glob(path):
+        path = _fixed_prefix(path)
+    elif _reach(uri_, lambda: fs.isfile(path)):
+        path = posixpath.dirname(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return f"{protocol}://{_fixed_prefix(path) if _is_glob(path) else path}"
+    return f"{protocol}://{path}"
 
 
 def input_exists(uri_: str, endpoint_url: str | None = None) -> bool:
     """The input path (a glob's fixed prefix) exists: one request, no listing."""
     fs, path = filesystem(uri_, endpoint_url)
     path = path.rstrip("/")
-    return fs.exists(_fixed_prefix(path) if _is_glob(path) else path)
+    return _reach(uri_, lambda: fs.exists(_fixed_prefix(path) if _is_glob(path) else path))
 
 
-def list_inputs(uri_: str, endpoint_url: str | None = None
+def _reach(uri_: str, ask: Any) -> Any:
+    """A storage request about the input; a store that cannot be reached at all (a wrong endpoint, no
+    network) is one OSError naming the input, not botocore's traceback."""
+    try:
+        return ask()
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - botocore's EndpointConnectionError and kin are not OSErrors
+        raise OSError(f"cannot reach input {uri_}: {type(e).__name__}: {e}") from e
+
+
+def list_inputs(uri_: str, endpoint_url: str | None = None, exclude: str | None = None
                 ) -> tuple[fsspec.AbstractFileSystem, str, list[dict[str, Any]]]:
-    """Input files of a file, directory (recursively) or glob: (fs, root, file infos sorted by name).
+    """Input files of a file, directory (recursively) or glob: (fs, root, file infos sorted by name, each
+    file once however many glob matches reach it).
 
     `root` is what row keys are relative to: the directory given, a glob's fixed prefix, or a single file's
-    directory. Below the root, paths with a hidden component (`_x`, `.x`) are skipped at every depth. Every
-    other file is listed whatever its name (Hive writes `000000_0`); plan.scan_inputs skips a listed file
-    that is not Parquet at all (info["listed"]) and reports one named explicitly. Infos come from the
-    listing itself (size, ETag / mtime).
+    directory. Below the root, paths with a hidden component (`_x`, `.x`) are skipped at every depth, and so
+    is everything under `exclude` (a URI: the job's own output, when it lies inside its input). Every other
+    file is listed whatever its name (Hive writes `000000_0`), except the empty "folder" objects some S3
+    tools make; plan.scan_inputs skips a listed file that is not Parquet at all (info["listed"]) and reports
+    one named explicitly. Infos come from the listing itself (size, ETag / mtime).
     """
     fs, path = filesystem(uri_, endpoint_url)
     path = path.rstrip("/")
     if _is_glob(path):  # a match is a file, or a directory read recursively
         root = _fixed_prefix(path)
-        found = [f for i in fs.glob(path, detail=True).values()
-                 for f in ([i] if i.get("type") == "file" else fs.find(i["name"], detail=True).values())]
-    elif fs.isdir(path):
+        found = _reach(uri_, lambda: [f for i in fs.glob(path, detail=True).values() for f in (
+            [i] if i.get("type") == "file" else fs.find(i["name"], detail=True).values())])
+    elif _reach(uri_, lambda: fs.isdir(path)):
         root = path
         found = list(fs.find(path, detail=True).values())
     elif fs.exists(path):
         return fs, posixpath.dirname(path), [fs.info(path)]
     else:
         raise FileNotFoundError(f"input {uri_} does not exist")
-    files = sorted(({**i, "listed": True} for i in found if i.get("type") == "file"
-                    and not _hidden(posixpath.relpath(i["name"], root))), key=lambda i: i["name"])
+    skip = None
+    if exclude:
+        other, skip = filesystem(exclude, endpoint_url)
+        skip = skip.rstrip("/") + "/" if type(other) is type(fs) else None
+    markers = _parents(found) if any(i.get("size") == 0 for i in found) else set()
+    files = {i["name"]: {**i, "listed": True} for i in found if i.get("type") == "file"
+             and not (i["name"].endswith("/") or i.get("size") == 0 and i["name"] + "/" in markers)
+             and not _hidden(posixpath.relpath(i["name"], root))}
+    if skip and any(name.startswith(skip) for name in files):
+        files = {name: i for name, i in files.items() if not name.startswith(skip)}
+        log.info("the output %s lies inside the input %s: its files are not read as input", exclude, uri_)
     if not files:
         raise FileNotFoundError(f"no input files found under {uri_} (names starting with '_' or '.' are skipped)")
-    return fs, root, files
+    return fs, root, [files[name] for name in sorted(files)]
+
+
+def _parents(found: list[dict[str, Any]]) -> set[str]:
+    """Every directory above a listed name, with a trailing slash (an empty object of such a name is an S3
+    folder marker, not a file)."""
+    return {name[: i + 1] for name in (f["name"] for f in found) for i, c in enumerate(name) if c == "/"}
 
 
 def looks_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:

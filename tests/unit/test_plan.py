@@ -59,6 +59,25 @@ def test_hidden_paths_skipped_at_every_depth_but_explicit_files_read(tmp_path):
     assert [os.path.relpath(i["name"], root) for i in explicit] == ["c.parquet"]
 
 
+def test_a_file_reached_by_several_glob_matches_is_listed_once(tmp_path):
+    """`in/**` matches each directory and each file below it: every file is still one input file."""
+    for rel in ("dt=1/a.parquet", "dt=2/x/b.parquet", "c.parquet"):
+        write(tmp_path / "in" / rel, 1)
+    for pattern in ("in/**", "in/dt=*/**", "in/*"):
+        _, root, infos = storage.list_inputs(str(tmp_path / pattern))
+        names = [os.path.relpath(i["name"], root) for i in infos]
+        assert names == sorted(set(names)) and set(names) >= {"dt=1/a.parquet", "dt=2/x/b.parquet"}, pattern
+
+
+def test_an_output_inside_its_input_is_not_read_back_as_input(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 2)
+    write(tmp_path / "in" / "scored" / "part-0.parquet", 2)  # what an earlier run committed there
+    files = plan.scan_inputs(cfg_for(tmp_path / "in", tmp_path / "in" / "scored")).files
+    assert [f.key for f in files] == ["a.parquet"]
+    files = plan.scan_inputs(cfg_for(tmp_path / "in", tmp_path / "in" / "sc")).files  # a prefix, not the output
+    assert [f.key for f in files] == ["a.parquet", "scored/part-0.parquet"]
+
+
 def test_parquet_without_a_parquet_name_is_read_and_other_files_beside_it_skipped(tmp_path, caplog):
     """Hive names its files `000000_0`: read. A README beside the data: skipped, with a warning. A broken file
     that claims to be Parquet (by name or magic bytes): reported as unreadable."""
@@ -310,9 +329,13 @@ def test_s3_listing_keys_and_fingerprints(s3_endpoint):
     for key in ("prefs/dt=1/a.parquet", "prefs/_temporary/b.parquet", "prefs/dt=1/.c.parquet"):
         with fs.open(f"plan-in/{key}", "wb") as f:
             pq.write_table(pa.table({"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}), f)
+    fs.pipe("plan-in/prefs/dt=2/", b"")  # an empty "folder" object, as S3 consoles and some tools make
+    fs.pipe("plan-in/prefs/dt=3", b"")
     cfg = cfg_for("s3://plan-in/prefs/", s3_endpoint_url=s3_endpoint)
     files = plan.scan_inputs(cfg).files
     assert [f.key for f in files] == ["dt=1/a.parquet"]
+    assert [f.key for f in plan.scan_inputs(cfg_for("s3://plan-in/prefs/**", s3_endpoint_url=s3_endpoint)).files
+            ] == ["dt=1/a.parquet"]
     before = files[0].fingerprint
     with fs.open("plan-in/prefs/dt=1/a.parquet", "wb") as f:
         pq.write_table(pa.table({"prompt": ["other"], "chosen": ["a"], "rejected": ["b"]}), f)
@@ -337,6 +360,9 @@ def test_the_same_input_spelled_another_way_resumes_and_another_input_is_refused
         plan.check_previous_job(cfg_for("in1", out), fs, out_dir)
     with pytest.raises(plan.JobError, match=r"k: 8 before, 4 now"):
         plan.check_previous_job(cfg_for("g", out, k=4), fs, out_dir)
+    # one file of a directory is keyed like the directory's files (relative to it): the same key space
+    storage.write_json(fs, f"{out_dir}/{storage.JOB_FILE}", {"config": cfg_for("g/dt=1", out).public()})
+    plan.check_previous_job(cfg_for("g/dt=1/a.parquet", out), fs, out_dir)
 
 
 def test_a_clashing_column_keeps_one_output_name_across_files(tmp_path):
@@ -372,3 +398,37 @@ def test_verify_refuses_a_path_that_is_not_an_output(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(plan.JobError, match="not a grm-ray output"):
         plan.audit(cfg_for("", tmp_path / "empty"))
+
+
+def test_a_store_that_cannot_be_reached_is_one_error_line_naming_the_input(tmp_path, monkeypatch):
+    """botocore's errors are not OSErrors: they used to end `grm-ray score` in a page of traceback."""
+    from typer.testing import CliRunner
+
+    from grm_ray.cli import app
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    r = CliRunner().invoke(app, ["score", "s3://prefs/in/", str(tmp_path / "out"),
+                                 "--s3-endpoint-url", "http://127.0.0.1:9"])
+    assert r.exit_code == 2, r.output
+    assert "error: cannot reach input s3://prefs/in/: NoCredentialsError" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from grm_ray import pipeline
+    from grm_ray.cli import app
+
+    def interrupted(cfg, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    write(tmp_path / "in" / "a.parquet", 1)
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert r.exit_code == 130, r.output
+    assert "error: interrupted: committed parts are kept; rerun the same command to resume" in r.output
