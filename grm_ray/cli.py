@@ -67,14 +67,19 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         try:
             summary = run(cfg, progress=con)
             log.info("summary: %s", json.dumps(summary, indent=2, default=str))
-        except (JobError, FileNotFoundError, PermissionError) as e:
+        except (JobError, OSError) as e:  # OSError: a missing path, no permission, a store that cannot be reached
+            log.debug("the job stopped", exc_info=True)  # the traceback, in the log file only
             error = e
+        except KeyboardInterrupt:  # Ctrl-C: what is committed stays, and the user is told how to go on
+            log.warning("interrupted")
+            error = KeyboardInterrupt("interrupted: committed parts are kept; rerun the same command to resume")
         finally:
             if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()  # the Ray this run started: its late worker logs go to the log file
     if error is not None:
         typer.echo(f"(details in {con.log_file})", err=True)
-        raise _fail(str(error))  # the error is the last line a user (or a wrapper script) reads
+        # the error is the last line a user (or a wrapper script) reads; 130 is the shell's code for Ctrl-C
+        raise _fail(str(error), code=130 if isinstance(error, KeyboardInterrupt) else 2)
     con.summary(summary)
     if summary["bad_files"]:
         raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
@@ -139,7 +144,7 @@ def verify(output: str = typer.Argument(..., help="Scored output directory or s3
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         report = audit(cfg, start_ray=lambda: init_ray(cfg))  # Ray starts once the paths are checked
-    except (JobError, FileNotFoundError, PermissionError) as e:
+    except (JobError, OSError) as e:
         raise _fail(str(e)) from None
     typer.echo(json.dumps(report, indent=2))
     if not report["ok"]:
@@ -467,7 +472,7 @@ def _train_command(recipe: str):
         typer.echo(f"grm-ray train {recipe}, resolved config:\n" + json.dumps(cfg.public(), indent=2))
         try:
             summary = train(cfg)
-        except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+        except (ValueError, OSError, ImportError) as e:
             raise _fail(str(e)) from None
         typer.echo("summary: " + json.dumps(summary, indent=2))
 

@@ -152,7 +152,7 @@ def relabel(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     started = time.time()
     try:
         summary = run(cfg)
-    except (JobError, FileNotFoundError, PermissionError) as e:
+    except (JobError, OSError) as e:
         rep = report(date, cfg, "failed", started=started, error=str(e))
         try:
             fs.makedirs(out_dir, exist_ok=True)
