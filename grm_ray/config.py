@@ -146,6 +146,8 @@ class JobConfig(BaseModel):
             raise ValueError("engine=openai needs base_url (the OpenAI-compatible server, e.g. http://host:8000/v1)")
         if self.device == "cpu" and self.gpus_per_actor:
             raise ValueError(f"device=cpu conflicts with gpus_per_actor={self.gpus_per_actor}; drop one")
+        if self.device == "gpu" and self.gpus_per_actor == 0:
+            raise ValueError("device=gpu conflicts with gpus_per_actor=0 (which means CPU); drop one")
         if self.adaptive != "off" and self.meta_mode != "none":
             raise ValueError(
                 f"adaptive={self.adaptive} with meta_mode={self.meta_mode} is refused: the stopping rules watch the "

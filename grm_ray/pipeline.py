@@ -347,6 +347,18 @@ def engine_gpus(cfg: JobConfig) -> float:
     return gpus if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def check_local_gpus(cfg: JobConfig) -> None:
+    """A local Ray has no autoscaler: engine actors asking for more GPUs than it has would wait forever."""
+    import ray
+
+    gpus = engine_gpus(cfg) if cfg.engine != "openai" or cfg.meta_mode == "classifier" else 0.0
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpus and not on_cluster(cfg) and have < gpus:
+        asked = "--device gpu" if cfg.device == "gpu" else f"--gpus-per-actor {cfg.gpus_per_actor:g}"
+        raise JobError(f"{asked}: each engine actor needs {gpus:g} GPU(s) and this local Ray has {have:g}; "
+                       "pass --device cpu, or --ray-address of a cluster with GPU nodes")
+
+
 def engine_resources(cfg: JobConfig) -> dict[str, Any]:
     """Ray resources of one engine actor (batch pools and Serve replicas)."""
     gpus = engine_gpus(cfg)
@@ -474,6 +486,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
     if p.units:
         init_ray(cfg)
         import ray
+
+        check_local_gpus(cfg)
 
         bound_block_stats(BLOCK_STATS_KEEP)
         dups = duplicate_ids(cfg, inputs)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grm_ray import plan, storage
-from grm_ray.pipeline import JobError, _PendingWatch, engine_gpus, run
+from grm_ray.pipeline import JobError, _PendingWatch, check_local_gpus, engine_gpus, run
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
@@ -128,6 +128,15 @@ def test_engine_actors_ask_for_gpus_on_a_cluster(monkeypatch, tiny_config, ray_l
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")           # inside a submitted Ray job
     assert engine_gpus(tiny_config()) == 1.0
     assert engine_gpus(tiny_config(gpus_per_actor=0)) == 0.0
+    check_local_gpus(tiny_config(device="gpu"))  # a cluster's autoscaler may add GPU nodes: asked for, not refused
+    monkeypatch.delenv("RAY_ADDRESS")
+    check_local_gpus(tiny_config())
+    for asked, flag in ((dict(device="gpu"), "--device gpu"), (dict(gpus_per_actor=1), "--gpus-per-actor 1")):
+        with pytest.raises(JobError, match=f"{flag}: each engine actor needs 1 GPU.* this local Ray has 0; "
+                                           "pass --device cpu"):  # a local Ray has no autoscaler: never waits
+            check_local_gpus(tiny_config(**asked))
+    with pytest.raises(ValueError, match="device=gpu conflicts with gpus_per_actor=0"):
+        tiny_config(device="gpu", gpus_per_actor=0)
 
 
 def test_driver_keeps_a_bounded_number_of_block_stats(ray_local):
