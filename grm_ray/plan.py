@@ -696,8 +696,10 @@ def audit(cfg: JobConfig, start_ray: Callable[[], Any] = lambda: None) -> dict[s
     report["files"] = len(per_file)
     if inputs:
         report.update(input_rows=sum(sizes.values()), input_files=len(sizes), bad_files=inputs.bad_files)
+        for key, why in sorted(inputs.bad_files.items())[:5]:  # its rows cannot be in the output: not ok
+            report["examples"].append(f"{key}: input file unreadable ({why})")
     report["ok"] = not (report["duplicated_rows"] or report["missing_rows"] or report["orphaned_rows"]
-                        or report["record_mismatches"])
+                        or report["record_mismatches"] or report.get("bad_files"))
     return report
 
 

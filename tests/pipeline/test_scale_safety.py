@@ -93,6 +93,15 @@ def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, cli_jso
     with pytest.raises(JobError, match="output check failed"):  # the job's own count check agrees
         plan.check_counts(plan.scan_inputs(cfg), plan.read_ledger(fs, out_dir))
     assert run(cfg)["new_rows"] == parts_1.num_rows  # and a rerun restores exactly those rows
+    # the same input as a `**` glob (it matches each directory and each file): every file once, nothing to do
+    again = run(cfg.model_copy(update={"input": str(inp / "**")}))
+    assert again["new_rows"] == 0 and again["rows"] == 9 and again["bad_files"] == {}
+
+    # an input file that cannot be read: its rows cannot be in the output, so the audit is not ok
+    (inp / "dt=2" / "broken.parquet").write_bytes(b"PAR1 not really")
+    code, report = cli_json("verify", str(out), "--input", glob)
+    assert code == 1 and not report["ok"] and list(report["bad_files"]) == ["dt=2/broken.parquet"], report
+    assert any("dt=2/broken.parquet: input file unreadable" in e for e in report["examples"])
 
 
 def test_pending_engine_actors_are_logged_with_what_they_wait_for(ray_local, caplog):
