@@ -245,7 +245,11 @@ class Console:
             if p:  # how well the pool's engines were fed: idle = no batch in flight (see the warning, if any)
                 rows.append((label, f"{p['actors']} actor(s), idle {100 * p['idle_share']:.0f}% of "
                              f"{_duration(p['span_seconds'])}, {p['mean_batches_in_flight']:g} batches in flight"))
-        rows += [("unreadable files", str(len(s.get("bad_files") or {}))), ("output", str(s["output"])),
-                 ("log", self.log_file)]
+        rows.append(("unreadable files", str(len(s.get("bad_files") or {}))))
+        orphans = s.get("orphaned_rows") or {}
+        if orphans:  # committed rows whose input file is gone or shorter: kept, and said
+            rows.append(("orphaned rows", f"{_count(sum(orphans.values()))} in {len(orphans)} file(s) no longer "
+                                          "in the input (kept; see the log)"))
+        rows += [("output", str(s["output"])), ("log", self.log_file)]
         width = max(len(k) for k, _ in rows)
         self.echo("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

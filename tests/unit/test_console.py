@@ -74,6 +74,10 @@ def test_summary_table(tmp_path):
     out.truncate(0)  # a resumed run: the output holds errors of an earlier run too
     con.summary({"rows": 9, "new_rows": 4, "errors_new": 1, "error_rows": 3, "output": "/x/o"})
     assert "error rows        3 (1 this run)" in out.getvalue(), out.getvalue()
+    assert "orphaned" not in out.getvalue()
+    out.truncate(0)  # committed rows of files gone from the input: in the table, not only in the log
+    con.summary({"rows": 9, "new_rows": 0, "error_rows": 0, "output": "/x/o", "orphaned_rows": {"a": 3, "b": 1}})
+    assert "orphaned rows     4 in 2 file(s) no longer in the input" in out.getvalue(), out.getvalue()
 
 
 SCRIPT = textwrap.dedent("""
