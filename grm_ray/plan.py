@@ -528,10 +528,12 @@ class Lease:
             if holder and holder.get("id") != self.owner["id"]:
                 why = self._stale(holder)
                 if not why:
+                    expiry = holder.get("expiry", self.expiry)
+                    left = max(0.0, expiry - (time.time() - holder.get("heartbeat", 0)))
                     raise JobError(f"output {storage.uri(self.fs, posixpath.dirname(self.path))} is being written by "
                                    f"another job: {self.describe(holder)}; wait for it to finish, or if it is dead, "
-                                   f"rerun after its lease expires ({holder.get('expiry', self.expiry):.0f}s without "
-                                   "a heartbeat)")
+                                   f"rerun after its lease expires ({expiry:.0f}s without a heartbeat: {left:.0f}s "
+                                   "from now at the earliest)")
                 log.warning("taking over the output lease of %s: %s", self.describe(holder), why)
             self._write(etag, create=holder is None)
         self._thread = threading.Thread(target=self._beat, name="grm-ray-lease", daemon=True)

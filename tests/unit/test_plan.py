@@ -286,6 +286,11 @@ def test_a_stale_or_dead_lease_is_taken_over_with_a_log_line(tmp_path, caplog):
         lease.acquire()
     assert "its process no longer runs on this host" in caplog.text
     lease.release()
+    # a live holder elsewhere: refused, saying when its lease could be taken over at the earliest
+    lease_file(out).write_text(json.dumps({**stale, "heartbeat": time.time() - 10}))
+    with pytest.raises(plan.JobError, match=r"being written by another job: elsewhere pid 1 .*last heartbeat 10s ago"
+                                            r".*30s without a heartbeat: 20s from now at the earliest"):
+        plan.Lease(fs, out_dir, expiry=30).acquire()
 
 
 def test_the_heartbeat_renews_and_notices_a_takeover(tmp_path):
