@@ -198,14 +198,17 @@ def load_into(model: type[M], what: str, path: str | Path | None, overrides: dic
         given = {k for k, v in overrides.items() if v is not None}
         src = ("" if not path or (keys and keys <= given) else f" in {path}" if keys and not keys & given
                else f" ({path} and options)")
-        raise ConfigError(f"invalid {what} config{src}: {validation_message(e)}") from None
+        raise ConfigError(f"invalid {what} config{src}: {validation_message(e, given)}") from None
 
 
-def validation_message(e: ValidationError) -> str:
-    """'k: Input should be greater than or equal to 1; foo: ... (unknown key)': every error, naming its key."""
+def validation_message(e: ValidationError, options: set[str] = frozenset()) -> str:
+    """'k: Input should be greater than or equal to 1; foo: ... (unknown key)': every error, naming its key,
+    and for keys given as `options` the command-line flag too (`part_bytes (--part-bytes)`)."""
     msgs = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])  # empty for checks across keys; they name the keys
+        if key in options and err["type"] != "extra_forbidden" and key not in ("input", "output", "data"):
+            key += f" (--{key.replace('_', '-')})"
         msg = err["msg"].removeprefix("Value error, ")
         msgs.append(f"{key}: {msg}" if key else msg)
         msgs[-1] += " (unknown key)" if err["type"] == "extra_forbidden" else ""

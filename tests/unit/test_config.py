@@ -74,7 +74,8 @@ def test_unknown_key_is_rejected_naming_it(write):
 def test_bad_values_are_rejected_naming_the_key(key, value):
     with pytest.raises(ConfigError) as e:
         load_config(**{key: value})
-    assert f"{key}:" in str(e.value)  # the message starts the complaint with the key
+    # the complaint starts with the key, and its command-line flag (given as an option here)
+    assert f"{key} (--{key.replace('_', '-')}):" in str(e.value)
 
 
 @pytest.mark.parametrize("text", [
@@ -181,7 +182,7 @@ def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
     with pytest.raises(ConfigError, match=f"invalid job config in {cfg_file}: k:"):
         load_config(cfg_file)
     cfg_file.write_text("max_tokens: 64\n")
-    with pytest.raises(ConfigError, match=r"invalid job config: k:") as e:
+    with pytest.raises(ConfigError, match=r"invalid job config: k \(--k\):") as e:
         load_config(cfg_file, k=0)
     assert str(cfg_file) not in str(e.value)  # the file is fine; the command line set k
 
