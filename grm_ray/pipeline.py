@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import importlib.metadata
 import json
@@ -183,14 +184,17 @@ def _stage_stats() -> Any:
 
 
 class _StageActor:
-    """Holds one stage (and its engine) for the life of a Ray actor. Async: with `max_concurrency` the actor
-    takes cfg.max_batches_in_flight batches at once, and their requests share the engine's running batch."""
+    """Holds one stage (and its engine) for the life of a Ray actor. Async: the actor works on up to
+    cfg.max_batches_in_flight batches at once, and their requests share the engine's running batch."""
 
     def __init__(self, stage_cls: type, cfg: JobConfig, stats: Any = None, name: str | None = None):
         self.stage = stage_cls(cfg)
         self.name = name or stage_cls.__name__
         warn_if_underfed(cfg, getattr(getattr(self.stage, "engine", None), "max_num_seqs", None), self.name)
         self.stats, self.clock, self.life = stats, StageClock(), str(os.getpid())
+        # Ray Data runs up to 4 batches of each call at once (RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY),
+        # on top of max_concurrent_calls_per_actor calls: the option's bound is kept here, over all of them
+        self.slots = asyncio.Semaphore(cfg.max_batches_in_flight)
         try:  # Ray keeps an actor's id when it restarts it, so a restarted actor is counted once
             import ray
 
@@ -199,11 +203,12 @@ class _StageActor:
             self.id = f"{self.life}-{id(self)}"
 
     async def __call__(self, table: pa.Table) -> pa.Table:
-        self._report(self.clock.enter())
-        try:
-            return await aapply(self.stage, table)
-        finally:
-            self._report(self.clock.leave(table.num_rows))
+        async with self.slots:
+            self._report(self.clock.enter())
+            try:
+                return await aapply(self.stage, table)
+            finally:
+                self._report(self.clock.leave(table.num_rows))
 
     def _report(self, figures: dict[str, float]) -> None:
         if self.stats is not None:  # two small messages per batch, never awaited

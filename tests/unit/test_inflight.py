@@ -100,3 +100,37 @@ def test_an_engine_takes_its_parents_cpu_priority():
     lower = "import os; os.nice(1); os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - 1)"
     allowed = subprocess.run([sys.executable, "-c", lower], capture_output=True).returncode == 0  # the same right
     assert got == (here if allowed else min(19, here + 15))
+
+
+def test_an_engine_actor_holds_at_most_max_batches_in_flight():
+    """Ray Data runs up to 4 batches of each call at once, on top of the calls it sends an actor: the actor
+    keeps the option's bound over all of them (a user sizing engine memory by it relies on that)."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from grm_ray.config import JobConfig
+    from grm_ray.pipeline import _StageActor
+
+    class Slow:  # a pure stand-in for an engine stage: counts the batches inside it
+        needs, adds = ("x",), pa.schema([("y", pa.int64())])
+        now = most = 0
+
+        def __init__(self, cfg):
+            pass
+
+        async def acall(self, rows):
+            Slow.now += 1
+            Slow.most = max(Slow.most, Slow.now)
+            await asyncio.sleep(0.02)
+            Slow.now -= 1
+            return [{"y": r["x"] * 2} for r in rows]
+
+    actor = _StageActor(Slow, JobConfig(max_batches_in_flight=3))
+
+    async def burst():
+        return await asyncio.gather(*(actor(pa.table({"x": [i]})) for i in range(12)))
+
+    out = asyncio.run(burst())
+    assert [t.column("y")[0].as_py() for t in out] == [2 * i for i in range(12)]
+    assert Slow.most == 3 and actor.clock.batches == 12
