@@ -191,6 +191,8 @@ def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, An
             raise RowError("field 'responses' is empty")
         responses = [_text(r, f"responses[{i}]", allow_empty=True) for i, r in enumerate(raw)]
         label = row.get(LABEL)
+        if isinstance(label, float) and (label != label or label.is_integer()):  # pandas writes ints as floats
+            label = None if label != label else int(label)  # once a value is missing (NaN: no label)
         top = max(1, len(responses) - 1)  # a single response carries a 0/1 (bad/good) label
         if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= top):
             raise RowError(f"field 'label' must be an integer in 0..{top}, got {label!r}")

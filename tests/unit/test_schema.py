@@ -56,6 +56,12 @@ def test_single_response_with_binary_label():
     assert normalize({"prompt": "q", "responses": ["only"]}, "responses", 16)["label"] is None
 
 
+def test_a_whole_float_label_is_read_as_an_integer_and_nan_as_no_label():
+    """pandas stores an integer column with a missing value as float64 (1.0, NaN)."""
+    assert normalize({"prompt": "q", "responses": ["a", "b"], "label": 1.0}, "responses", 16)["label"] == 1
+    assert normalize({"prompt": "q", "responses": ["a", "b"], "label": float("nan")}, "responses", 16)["label"] is None
+
+
 def test_messages_and_responses_keep_every_turn():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye?"}]
@@ -164,7 +170,8 @@ USER = [{"role": "user", "content": "q"}]
     ({"prompt": "q", "responses": ["a", "b"], "label": -1}, "'label'"),
     ({"prompt": "q", "responses": ["a", "b"], "label": True}, "'label'"),
     ({"prompt": "q", "responses": ["a", "b"], "label": "0"}, "'label'"),
-    ({"prompt": "q", "responses": ["a", "b"], "label": 1.0}, "'label'"),
+    ({"prompt": "q", "responses": ["a", "b"], "label": 1.5}, "'label'"),
+    ({"prompt": "q", "responses": ["a", "b"], "label": 2.0}, "'label'"),
     ({"prompt": "q", "responses": ["a"], "label": 2}, "'label'"),
     ({"prompt": "q", "responses": [b"ok", b"\xff\xfe"]}, "'responses[1]'"),
 ])
