@@ -56,12 +56,13 @@ class JobConfig(BaseModel):
     max_responses: int = Field(16, ge=1, description="Rows with more responses than this get a row error.")
     # GRM sampling
     model: str = Field("BBQGOD/DeepSeek-GRM-27B", description="GRM model name or local path.")
-    k: int = Field(8, ge=1, description="GRM samples per item (voting@k).")
+    k: int = Field(8, ge=1, le=4096, description="GRM samples per item (voting@k).")
     temperature: float = Field(0.5, ge=0, description="Sampling temperature (the paper votes at 0.5).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     max_tokens: int = Field(1024, ge=8, description="Token budget of one GRM sample.")
     max_model_len: Optional[int] = Field(None, ge=64, description="Context length; default the model's own.")
-    seed: int = Field(0, description="Seed for sampling and tie-breaks; a rerun with the same seed repeats.")
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="Seed for sampling and tie-breaks; a rerun with the same seed repeats.")
     structured: bool = Field(False, description="Constrain output so it always ends in a parseable score box.")
     adaptive: Literal["off", "exact", "confident"] = Field(
         "off", description="Sample in rounds and stop items early: exact never changes the winner (no meta RM).")
@@ -140,7 +141,7 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "JobConfig":
-        if self.k_meta is not None and self.k_meta > self.k:
+        if self.k_meta is not None and self.k_meta > self.k and self.meta_mode != "none":  # unused without one
             raise ValueError(f"k_meta ({self.k_meta}) cannot exceed k ({self.k})")
         if self.engine == "openai" and not self.base_url:
             raise ValueError("engine=openai needs base_url (the OpenAI-compatible server, e.g. http://host:8000/v1)")

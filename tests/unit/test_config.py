@@ -104,8 +104,10 @@ def test_k_meta_cannot_exceed_k(write):
     with pytest.raises(ConfigError, match="k_meta"):
         load_config(k=4, k_meta=5, meta_mode="judge")
     with pytest.raises(ConfigError, match="k_meta"):
-        load_config(write("k: 4\nk_meta: 5\n"))
+        load_config(write("k: 4\nk_meta: 5\nmeta_mode: judge\n"))
     assert load_config(k=4, k_meta=4, meta_mode="judge").voting_k_meta == 4
+    # without a meta RM k_meta is unused: a config file's k_meta does not stop `--meta-mode none --k 1`
+    assert load_config(write("k: 4\nk_meta: 2\nmeta_mode: judge\n"), k=1, meta_mode="none").voting_k_meta is None
 
 
 @pytest.mark.parametrize("adaptive", ["exact", "confident"])
