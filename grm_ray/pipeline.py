@@ -352,6 +352,19 @@ def engine_gpus(cfg: JobConfig) -> float:
     return gpus if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def check_model_paths(cfg: JobConfig) -> None:
+    """A model given as a local path ('/models/grm', './grm', '~/grm') that is not there fails here, in one
+    line, instead of as the hub's 'Repo id must use alphanumeric chars' after Ray starts. On a cluster the path
+    may exist on the worker nodes only: not checked there."""
+    if on_cluster(cfg):
+        return
+    meta = cfg.meta_model if cfg.meta_mode != "none" else None
+    for option, model in (("--model", cfg.model), ("--meta-model", meta)):
+        if model and model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
+            raise FileNotFoundError(f"{option} {model}: no such path (a local model directory, or a hub name "
+                                    "such as BBQGOD/DeepSeek-GRM-27B)")
+
+
 def check_local_gpus(cfg: JobConfig) -> None:
     """A local Ray has no autoscaler: engine actors asking for more GPUs than it has would wait forever."""
     import ray
@@ -446,6 +459,7 @@ def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
     t0 = time.time()
     if not storage.input_exists(cfg.input, cfg.s3_endpoint_url):  # checked first: a typo leaves no output behind
         raise FileNotFoundError(f"input {cfg.input} does not exist")
+    check_model_paths(cfg)
     if cfg.reuse:
         from .reuse import previous_job
 

@@ -389,6 +389,11 @@ def test_a_missing_input_stops_the_job_before_its_output_is_made(tmp_path):
         assert not (tmp_path / "out").exists()
     assert storage.input_exists(str(tmp_path)) and storage.input_exists(str(tmp_path) + "/*.parquet")
     (tmp_path / "in").mkdir()
+    for option, bad in (("--model", dict(model="/no/such/grm")),
+                        ("--meta-model", dict(meta_mode="classifier", meta_model="./no-such-meta"))):
+        with pytest.raises(FileNotFoundError, match=f"{option} .*no-such|{option} /no/such/grm: no such path"):
+            pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", **bad))
+        assert not (tmp_path / "out").exists()
     (tmp_path / "not-an-output").mkdir()
     for prev, why in (("gone", "no such path"), ("not-an-output", "no _job.json there")):  # --reuse likewise
         with pytest.raises(plan.JobError, match=f"--reuse .*{prev}: {why}, so it is not a grm-ray output"):
