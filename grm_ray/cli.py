@@ -18,9 +18,11 @@ from pydantic.fields import FieldInfo
 
 from .config import ConfigError, JobConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain (click) help: rich's boxed tables cut long option names ('--max-batches-in…') at 80 columns.
+PLAIN = dict(rich_markup_mode=None)
+app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN,
                   help="Label preference data with a generative reward model and inference-time scaling.")
-dev = typer.Typer(no_args_is_help=True, help="Developer tools.")
+dev = typer.Typer(no_args_is_help=True, help="Developer tools.", **PLAIN)
 app.add_typer(dev, name="dev")
 log = logging.getLogger("grm_ray")
 POSITIONAL = ("input", "output")
@@ -441,7 +443,7 @@ _serve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
 app.command("serve")(_serve)
 
 
-train_app = typer.Typer(no_args_is_help=True, help="Self-Principled Critique Tuning: train a GRM or a meta RM "
+train_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Self-Principled Critique Tuning: train a GRM or a meta RM "
                         "from grm-ray's own exports (TRL; in this process or on Ray Train).")
 app.add_typer(train_app, name="train")
 TRAIN_HELP = {

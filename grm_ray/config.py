@@ -99,8 +99,8 @@ class JobConfig(BaseModel):
     max_batches_in_flight: int = Field(
         4, ge=1, description="Batches an engine actor works on at once; their requests share the engine's batch.")
     rows_per_file: int = Field(4096, ge=1, description="Rows per committed output part at most (the resume granularity).")
-    part_bytes: int = Field(128 << 20, ge=1 << 10, description="Bytes (in memory) per output part at most; "
-                            "a batch larger than this is committed as several parts.")
+    part_bytes: int = Field(128 << 20, ge=1 << 10, description="Bytes (in memory) per output part at most, at "
+                            "least 1024; a batch larger than this is committed as several parts.")
     unit_rows: int = Field(1024, ge=1, description="Input rows per read task at most: a task never spans two row "
                            "groups, and a big group is split, so the engine pool gets many blocks to share.")
     max_units: int = Field(20_000, ge=1, description="Units a run plans at most: past max_units x unit_rows rows, "
@@ -112,8 +112,8 @@ class JobConfig(BaseModel):
     overwrite: bool = Field(False, description="Delete existing output and start afresh instead of resuming.")
     rescore_changed: bool = Field(False, description="On resume, drop the labels of input files that changed "
                                   "since they were scored and score them again (default: refuse, naming them).")
-    lease_expiry: float = Field(180, ge=5, description="Seconds without a heartbeat after which another job "
-                                "may take over this output's writer lease.")
+    lease_expiry: float = Field(180, ge=5, description="Seconds (at least 5) without a heartbeat after which "
+                                "another job may take over this output's writer lease.")
     reuse: Optional[str] = Field(None, description="Previous output: rows whose item and result-changing options "
                                  "are unchanged take its labels (reused=true); only the rest are scored.")
     retry_errors: bool = Field(False, description="On a rerun, rescore rows committed with an engine-side error "
