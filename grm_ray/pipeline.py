@@ -352,12 +352,16 @@ def engine_gpus(cfg: JobConfig) -> float:
     return gpus if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def check_model_paths(cfg: JobConfig) -> None:
-    """A model given as a local path ('/models/grm', './grm', '~/grm') that is not there fails here, in one
-    line, instead of as the hub's 'Repo id must use alphanumeric chars' after Ray starts. On a cluster the path
-    may exist on the worker nodes only: not checked there."""
+def check_local_setup(cfg: JobConfig) -> None:
+    """What a local run's actors would fail on after Ray starts, said in one line before: a model given as a
+    local path ('/models/grm', './grm', '~/grm') that is not there (else the hub's 'Repo id must use
+    alphanumeric chars'), and an unset --api-key-env. On a cluster both may exist on the worker nodes only:
+    not checked there."""
     if on_cluster(cfg):
         return
+    if cfg.engine == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise JobError(f"--api-key-env names {cfg.api_key_env}, but that environment variable is not set "
+                          "(export it before running)")
     meta = cfg.meta_model if cfg.meta_mode != "none" else None
     for option, model in (("--model", cfg.model), ("--meta-model", meta)):
         if model and model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
@@ -459,7 +463,7 @@ def run(cfg: JobConfig, progress: Any = None) -> dict[str, Any]:
     t0 = time.time()
     if not storage.input_exists(cfg.input, cfg.s3_endpoint_url):  # checked first: a typo leaves no output behind
         raise FileNotFoundError(f"input {cfg.input} does not exist")
-    check_model_paths(cfg)
+    check_local_setup(cfg)
     if cfg.reuse:
         from .reuse import previous_job
 

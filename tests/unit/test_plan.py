@@ -394,6 +394,10 @@ def test_a_missing_input_stops_the_job_before_its_output_is_made(tmp_path):
         with pytest.raises(FileNotFoundError, match=f"{option} .*no-such|{option} /no/such/grm: no such path"):
             pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", **bad))
         assert not (tmp_path / "out").exists()
+    with pytest.raises(plan.JobError, match="--api-key-env names GRM_RAY_NO_SUCH_KEY, but .* not set"):
+        pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", engine="openai", base_url="http://127.0.0.1:9/v1",
+                             api_key_env="GRM_RAY_NO_SUCH_KEY"))
+    assert not (tmp_path / "out").exists()
     (tmp_path / "not-an-output").mkdir()
     for prev, why in (("gone", "no such path"), ("not-an-output", "no _job.json there")):  # --reuse likewise
         with pytest.raises(plan.JobError, match=f"--reuse .*{prev}: {why}, so it is not a grm-ray output"):
