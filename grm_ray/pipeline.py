@@ -361,7 +361,7 @@ def check_local_setup(cfg: JobConfig) -> None:
         return
     if cfg.engine == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise JobError(f"--api-key-env names {cfg.api_key_env}, but that environment variable is not set "
-                          "(export it before running)")
+                       "(export it before running)")
     meta = cfg.meta_model if cfg.meta_mode != "none" else None
     for option, model in (("--model", cfg.model), ("--meta-model", meta)):
         if model and model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
@@ -511,7 +511,6 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         import ray
 
         check_local_gpus(cfg)
-
         bound_block_stats(BLOCK_STATS_KEEP)
         dups = duplicate_ids(cfg, inputs)
         metadata = {"grm_ray.job": json.dumps(info, default=str)}
