@@ -128,10 +128,17 @@ def _hinted(samples: Sequence[dict[str, Any]]) -> bool:
     return any(s.get("hinted") for s in samples)
 
 
+def _input_error(row: dict[str, Any]) -> bool:
+    """A row that could not be read as an item: an error and no `content_key` (it keeps its input's responses
+    and label, which must not count); outputs without that column: no `responses`."""
+    if row.get(S.RESPONSES) is None:
+        return True
+    return row.get(S.ERROR) is not None and S.CONTENT_KEY in row and row[S.CONTENT_KEY] is None
+
+
 def _counted(row: dict[str, Any]) -> bool:
     """Rows that count in accuracy: labelled, normalized (input errors excluded), not hinted."""
-    return (row.get(S.LABEL) is not None and row.get(S.RESPONSES) is not None
-            and not _hinted(row.get(S.SAMPLES) or []))
+    return row.get(S.LABEL) is not None and not _input_error(row) and not _hinted(row.get(S.SAMPLES) or [])
 
 
 def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
@@ -143,7 +150,8 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
     conf_hits: list[tuple[float, float]] = []
     n_samples = invalid = shown = first_wins = tied_top = 0
     no_bias = 0.0
-    for row in _rows(table, [S.LABEL, S.RESPONSES, S.REWARDS, S.SAMPLES, S.ERROR, SUBSET, S.CONFIDENCE]):
+    for row in _rows(table, [S.LABEL, S.RESPONSES, S.REWARDS, S.SAMPLES, S.ERROR, SUBSET, S.CONFIDENCE,
+                             S.CONTENT_KEY]):
         counts["rows"] += 1
         samples = row.get(S.SAMPLES) or []
         for s in samples:
@@ -159,7 +167,7 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
                 tied_top += scores.count(max(scores)) > 1
         label, rewards, responses = row.get(S.LABEL), row.get(S.REWARDS), row.get(S.RESPONSES)
         counts["errors"] += row.get(S.ERROR) is not None
-        if responses is None:
+        if _input_error(row):
             counts["input_errors"] += 1
             continue
         if label is None:
@@ -207,7 +215,7 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
 def _curve_items(table: pa.Table) -> list[tuple[list[dict[str, Any]], int, int, str | None]]:
     """(samples, label, n, subset) of every row that counts in accuracy with n >= 2 responses."""
     items = []
-    for row in _rows(table, [S.LABEL, S.RESPONSES, S.SAMPLES, S.ERROR, SUBSET]):
+    for row in _rows(table, [S.LABEL, S.RESPONSES, S.SAMPLES, S.ERROR, SUBSET, S.CONTENT_KEY]):
         if _counted(row) and len(row[S.RESPONSES]) > 1:
             samples = [{"scores": s["scores"], "meta_score": s["meta_score"]} for s in row.get(S.SAMPLES) or []]
             items.append((samples, row[S.LABEL], len(row[S.RESPONSES]), row.get(SUBSET)))

@@ -1,8 +1,9 @@
 """`--retry-errors`: a rerun rescores rows committed with an engine-side error, without duplicating them.
 
-Engine-side errors are those of rows that normalised fine (`responses` is set): no valid sample, a prompt
+Engine-side errors are those of rows that normalised fine (`content_key` is set): no valid sample, a prompt
 longer than the model context (a larger --max-model-len may fit it). Input errors (a bad field, a duplicate
-id, an unreadable file) leave `responses` null and stay: rescoring cannot change them.
+id, an unreadable file) leave `content_key` null and stay: rescoring cannot change them. (Outputs written
+before `content_key` existed: `responses`, which input errors left null then.)
 
 Each committed part holding such rows is rewritten without them by plan.rewrite_parts (in Ray tasks, one per
 part); its record then no longer lists them, so the plan has them as rows to score, like those an interrupted
@@ -15,17 +16,22 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import storage
 from .plan import rewrite_parts
-from .schema import ERROR, RESPONSES
+from .schema import CONTENT_KEY, ERROR, RESPONSES
 
 log = logging.getLogger(__name__)
 
 
 def engine_errors(table: pa.Table) -> pa.ChunkedArray:
     """Per row: whether it carries an engine-side error (normalised fine, yet no scores)."""
-    return pc.and_(pc.is_valid(table.column(ERROR)), pc.is_valid(table.column(RESPONSES)))
+    return pc.and_(pc.is_valid(table.column(ERROR)), pc.is_valid(table.column(_marker(table.column_names))))
+
+
+def _marker(names: list[str]) -> str:
+    return CONTENT_KEY if CONTENT_KEY in names else RESPONSES
 
 
 def drop_part_errors(paths: pa.Table, cfg: Any) -> pa.Table:
@@ -34,7 +40,8 @@ def drop_part_errors(paths: pa.Table, cfg: Any) -> pa.Table:
     dropped = []
     for path in paths.column("path").to_pylist():
         with fs.open(path, "rb") as f:
-            probe = storage.read_parquet(f, columns=[ERROR, RESPONSES])
+            names = pq.ParquetFile(f).schema_arrow.names
+            probe = storage.read_parquet(f, columns=[ERROR, _marker(names)])
         dropped.append(rewrite_parts(fs, [path], engine_errors) if pc.any(engine_errors(probe)).as_py() else 0)
     return pa.table({"dropped": pa.array(dropped, pa.int64())})
 

@@ -118,6 +118,28 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
     return out
 
 
+def as_given(row: Any, fmt: str | None) -> dict[str, Any]:
+    """An unreadable row's own `messages`, `responses` and `label`, each where it fits its output column.
+
+    The responses format reads those input columns as the output's, so a row error must not blank them: the
+    input is kept. A value of another shape (a string where a list belongs) stays null; `content_key` stays
+    null, which is what marks the row as an input error.
+    """
+    if fmt != "responses" or not isinstance(row, dict):
+        return {}
+    out: dict[str, Any] = {}
+    responses, messages, label = row.get(RESPONSES), row.get(MESSAGES), row.get(LABEL)
+    if isinstance(responses, (list, tuple)) and all(r is None or isinstance(r, str) for r in responses):
+        out[RESPONSES] = list(responses)
+    if isinstance(messages, (list, tuple)) and all(
+            isinstance(m, dict) and all(isinstance(m.get(k), (str, type(None))) for k in ("role", "content"))
+            for m in messages):
+        out[MESSAGES] = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+    if isinstance(label, int) and not isinstance(label, bool) and -(2**63) <= label < 2**63:
+        out[LABEL] = label
+    return out
+
+
 def _reply(value: Any, field: str) -> str:
     """A DPO `chosen`/`rejected`: a string, or a conversational list whose last message is the reply."""
     if isinstance(value, (list, tuple)) and value and isinstance(value[-1], dict):

@@ -20,7 +20,7 @@ from .engines import RequestFailed
 from .parsing import parse_scores
 from .reuse import content_key, options_digest
 from .schema import (CONTENT_KEY, ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES,
-                     SOURCE, VOTED, RowError, normalize)
+                     SOURCE, VOTED, RowError, as_given, normalize)
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -93,6 +93,7 @@ class Normalize:
                 item[CONTENT_KEY] = content_key(item, self.digest)
             except RowError as e:
                 item[ERROR] = f"{file}, row {row}: {e}"
+                item.update(as_given(raw, fmt))
             out.append(item)
         keep = _valid_utf8(table.drop_columns([c for c in NORMALIZED.names if c in table.column_names]))
         normalized = pa.Table.from_pylist(out, schema=NORMALIZED)

@@ -50,6 +50,10 @@ def test_only_engine_errors_are_retried():
                                 "a.parquet, row 2: no valid sample: none of 4 samples ...", None],
                       "responses": [["x", "y"], None, ["x", "y"], None]})
     assert engine_errors(table).to_pylist() == [False, False, True, False]
+    # outputs of now: an input error keeps its input's responses; its null content_key marks it
+    table = table.set_column(1, "responses", pa.array([["x", "y"], ["x"], ["x", "y"], None]))
+    table = table.append_column("content_key", pa.array(["k0", None, "k2", None]))
+    assert engine_errors(table).to_pylist() == [False, False, True, False]
 
 
 def test_error_rows_counted_from_the_error_column(tmp_path):

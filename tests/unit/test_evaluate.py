@@ -21,7 +21,8 @@ def scored(items, subset=False):
     """A scored table with the Arrow types of schema.py; rewards etc. come from voting.vote.
 
     An item: {"n": responses, "label": int|None, "samples": [smp...], "error": str|None, "subset": str,
-    "messages": [...], "unread": True for an input error (no responses)}.
+    "messages": [...], "unread": True for an input error of an older output (no responses, no content_key),
+    "kept" for one of now (its input's responses and label kept, no content_key)}.
     """
     rows = []
     for i, it in enumerate(items):
@@ -33,7 +34,8 @@ def scored(items, subset=False):
         result = vote(samples, seed=i) if samples and not error else {}
         row = {S.ID: f"r{i}", S.SOURCE: f"t.parquet#{i}",
                S.MESSAGES: it.get("messages", [{"role": "user", "content": f"q{i}"}]),
-               S.RESPONSES: None if it.get("unread") else [f"resp{i}-{j}" for j in range(n)], S.LABEL: it.get("label"),
+               S.RESPONSES: None if it.get("unread") is True else [f"resp{i}-{j}" for j in range(n)],
+               S.LABEL: it.get("label"), S.CONTENT_KEY: None if it.get("unread") else f"key{i}",
                **{k: result.get(k) for k in (S.REWARDS, S.VOTE_TOTALS, S.BEST_INDEX, S.MARGIN, S.TIE,
                                              S.CONFIDENCE)},
                S.N_SAMPLES: len(samples), S.N_VALID: result.get("n_valid", 0), S.N_KEPT: result.get("n_kept", 0),
@@ -58,9 +60,10 @@ def test_pairwise_accuracy_ties_and_tie_break():
         {"n": 2, "label": 0, "error": "boom", "unread": True},                    # input error: excluded
         one([7, 1], None),              # unlabelled
         {"n": 2, "label": 0, "samples": [smp(None)], "error": "no valid sample"},  # counts: wrong / a tie
+        {"n": 2, "label": 1, "error": "field 'id': duplicate", "unread": "kept"},  # input error, input kept: excluded
     ])
     r = evaluate(table)
-    assert (r["rows"], r["errors"], r["input_errors"], r["unlabelled"], r["unscored"]) == (7, 2, 1, 1, 1)
+    assert (r["rows"], r["errors"], r["input_errors"], r["unlabelled"], r["unscored"]) == (8, 3, 2, 1, 1)
     assert r["pairwise"] == {"n": 5, "accuracy": 0.2, "tie_break_accuracy": 0.4, "ties": 1, "label_in_tie": 1}
     assert r["best_of_n"] is None and r["auc"] is None
     json.dumps(r)

@@ -68,7 +68,8 @@ def test_normalize_rows_in_order_with_errors_prefixed_and_input_columns_kept():
     assert rows[0]["messages"] == [{"role": "user", "content": "q1"}]
     assert rows[0]["responses"] == ["x", "y"] and rows[0]["label"] == 1 and rows[0]["error"] is None
     assert rows[1]["error"] == "part/a.parquet, row 11: field 'responses' is empty"
-    assert rows[1]["messages"] is None and rows[1]["responses"] is None
+    # the format reads these input columns as ours: an error row keeps what its input held there
+    assert rows[1]["messages"] is None and rows[1]["responses"] == [] and rows[1]["content_key"] is None
     assert rows[2]["error"] is None and rows[3]["error"] is None and rows[3]["label"] == 2
 
 
@@ -79,7 +80,22 @@ def test_normalize_duplicate_ids_get_an_error():
     for r, row in zip((out[0], out[2]), (0, 2)):
         assert r["error"].startswith(f"f.parquet, row {row}: field 'id'")
         assert "duplicate" in r["error"] and "'x'" in r["error"]
-        assert r["responses"] is None
+        assert r["responses"] == ["a", "b"] and r["content_key"] is None  # the input kept, marked unread
+
+
+def test_an_unreadable_row_keeps_its_input_responses_messages_and_label():
+    """What the helper of a user pass lost: `responses` ['hi', 'bye'] with label 5 came out null."""
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]  # ends with the assistant
+    table = pa.table({"prompt": ["q", "q", "q"], "responses": [["hi", "bye"], ["a", "b"], ["ok", "no"]],
+                      "label": [5, 1, 0]})
+    table = table.append_column("messages", pa.array([None, msgs, None], S.NORMALIZED.field("messages").type))
+    rows = Normalize(cfg())(table, "f.parquet", [0, 1, 2], "responses").to_pylist()
+    assert "field 'label' must be an integer in 0..1, got 5" in rows[0]["error"]
+    assert (rows[0]["responses"], rows[0]["label"], rows[0]["messages"]) == (["hi", "bye"], 5, None)
+    assert "must end with a user turn" in rows[1]["error"]
+    assert (rows[1]["responses"], rows[1]["label"], rows[1]["messages"]) == (["a", "b"], 1, msgs)
+    assert rows[2]["error"] is None and rows[2]["content_key"] is not None
+    assert [r["content_key"] is None for r in rows] == [True, True, False]
 
 
 def test_normalize_integer_ids_are_strings():
