@@ -55,6 +55,8 @@ def vote(samples: Sequence[Mapping[str, Any]], k_meta: int | None = None, seed: 
     >>> vote([{"scores": [8, 3]}, {"scores": [6, 5]}])["rewards"]
     [7.0, 4.0]
     """
+    if k_meta is not None and k_meta < 1:  # 0 would keep no sample and return a row of None, silently
+        raise ValueError(f"k_meta must be at least 1 (or None: every valid sample votes), got {k_meta}")
     kept = select_kept(samples, k_meta)
     result: dict[str, Any] = {
         "rewards": None, "vote_totals": None, "best_index": None, "margin": None, "tie": None, "confidence": None,

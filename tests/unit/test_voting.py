@@ -323,3 +323,8 @@ def test_confidence_is_calibrated_on_the_normal_model():
         hit.append(v["best_index"] == (0 if mu > 0 else 1))
     mean_conf, accuracy = sum(conf) / len(conf), sum(hit) / len(hit)
     assert abs(mean_conf - accuracy) < 0.04, (mean_conf, accuracy)
+
+
+def test_k_meta_below_one_is_refused_not_an_empty_vote():
+    with pytest.raises(ValueError, match="k_meta must be at least 1"):
+        vote([{"scores": [8, 3], "meta_score": 1.0}], k_meta=0)
