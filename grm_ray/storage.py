@@ -95,8 +95,10 @@ def input_root(uri_: str, endpoint_url: str | None = None) -> str:
     path = posixpath.normpath(path.rstrip("/"))
     if _is_glob(path):
         path = _fixed_prefix(path)
-    elif _reach(uri_, lambda: fs.isfile(path)):
-        path = posixpath.dirname(path)
+    else:
+        with _reaching(uri_):
+            if fs.isfile(path):
+                path = posixpath.dirname(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return f"{protocol}://{path}"
 
@@ -105,17 +107,19 @@ def input_exists(uri_: str, endpoint_url: str | None = None) -> bool:
     """The input path (a glob's fixed prefix) exists: one request, no listing."""
     fs, path = filesystem(uri_, endpoint_url)
     path = path.rstrip("/")
-    return _reach(uri_, lambda: fs.exists(_fixed_prefix(path) if _is_glob(path) else path))
+    with _reaching(uri_):
+        return fs.exists(_fixed_prefix(path) if _is_glob(path) else path)
 
 
-def _reach(uri_: str, ask: Any) -> Any:
-    """A storage request about the input; a store that cannot be reached at all (a wrong endpoint, no
-    network) is one OSError naming the input, not botocore's traceback."""
+@contextlib.contextmanager
+def _reaching(uri_: str) -> Iterator[None]:
+    """Storage requests about the input: a store that cannot be reached at all (a wrong endpoint, no network,
+    no credentials) is one OSError naming the input, not botocore's traceback (its errors are not OSErrors)."""
     try:
-        return ask()
+        yield
     except OSError:
         raise
-    except Exception as e:  # noqa: BLE001 - botocore's EndpointConnectionError and kin are not OSErrors
+    except Exception as e:  # noqa: BLE001 - botocore's EndpointConnectionError and kin
         raise OSError(f"cannot reach input {uri_}: {type(e).__name__}: {e}") from e
 
 
@@ -133,17 +137,18 @@ def list_inputs(uri_: str, endpoint_url: str | None = None, exclude: str | None 
     """
     fs, path = filesystem(uri_, endpoint_url)
     path = path.rstrip("/")
-    if _is_glob(path):  # a match is a file, or a directory read recursively
-        root = _fixed_prefix(path)
-        found = _reach(uri_, lambda: [f for i in fs.glob(path, detail=True).values() for f in (
-            [i] if i.get("type") == "file" else fs.find(i["name"], detail=True).values())])
-    elif _reach(uri_, lambda: fs.isdir(path)):
-        root = path
-        found = list(fs.find(path, detail=True).values())
-    elif fs.exists(path):
-        return fs, posixpath.dirname(path), [fs.info(path)]
-    else:
-        raise FileNotFoundError(f"input {uri_} does not exist")
+    with _reaching(uri_):
+        if _is_glob(path):  # a match is a file, or a directory read recursively
+            root = _fixed_prefix(path)
+            found = [f for i in fs.glob(path, detail=True).values()
+                     for f in ([i] if i.get("type") == "file" else fs.find(i["name"], detail=True).values())]
+        elif fs.isdir(path):
+            root = path
+            found = list(fs.find(path, detail=True).values())
+        elif fs.exists(path):
+            return fs, posixpath.dirname(path), [fs.info(path)]
+        else:
+            raise FileNotFoundError(f"input {uri_} does not exist")
     skip = None
     if exclude:
         other, skip = filesystem(exclude, endpoint_url)
