@@ -129,11 +129,9 @@ def _hinted(samples: Sequence[dict[str, Any]]) -> bool:
 
 
 def _input_error(row: dict[str, Any]) -> bool:
-    """A row that could not be read as an item: an error and no `content_key` (it keeps its input's responses
-    and label, which must not count); outputs without that column: no `responses`."""
-    if row.get(S.RESPONSES) is None:
-        return True
-    return row.get(S.ERROR) is not None and S.CONTENT_KEY in row and row[S.CONTENT_KEY] is None
+    """A row that could not be read as an item (schema.read_marker): it may keep its input's responses and
+    label, which must not count; a row without responses never counts."""
+    return row.get(S.RESPONSES) is None or (row.get(S.ERROR) is not None and row.get(S.read_marker(row)) is None)
 
 
 def _counted(row: dict[str, Any]) -> bool:

@@ -20,18 +20,14 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .plan import rewrite_parts
-from .schema import CONTENT_KEY, ERROR, RESPONSES
+from .schema import ERROR, read_marker
 
 log = logging.getLogger(__name__)
 
 
 def engine_errors(table: pa.Table) -> pa.ChunkedArray:
     """Per row: whether it carries an engine-side error (normalised fine, yet no scores)."""
-    return pc.and_(pc.is_valid(table.column(ERROR)), pc.is_valid(table.column(_marker(table.column_names))))
-
-
-def _marker(names: list[str]) -> str:
-    return CONTENT_KEY if CONTENT_KEY in names else RESPONSES
+    return pc.and_(pc.is_valid(table.column(ERROR)), pc.is_valid(table.column(read_marker(table.column_names))))
 
 
 def drop_part_errors(paths: pa.Table, cfg: Any) -> pa.Table:
@@ -41,7 +37,7 @@ def drop_part_errors(paths: pa.Table, cfg: Any) -> pa.Table:
     for path in paths.column("path").to_pylist():
         with fs.open(path, "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
-            probe = storage.read_parquet(f, columns=[ERROR, _marker(names)])
+            probe = storage.read_parquet(f, columns=[ERROR, read_marker(names)])
         dropped.append(rewrite_parts(fs, [path], engine_errors) if pc.any(engine_errors(probe)).as_py() else 0)
     return pa.table({"dropped": pa.array(dropped, pa.int64())})
 

@@ -118,6 +118,12 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
     return out
 
 
+def read_marker(columns: Iterable[str]) -> str:
+    """The column that is null on the rows whose input could not be read as an item (theirs carry `error`):
+    `content_key`; in outputs written before it existed, `responses`."""
+    return CONTENT_KEY if CONTENT_KEY in columns else RESPONSES
+
+
 def as_given(row: Any, fmt: str | None) -> dict[str, Any]:
     """An unreadable row's own `messages`, `responses` and `label`, each where it fits its output column.
 
