@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Sequence
 
@@ -127,11 +128,24 @@ class _Loop:
         return self._wait(self.ascore(items))
 
 
+_ENGINES: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+_CORE_GONE = ("AsyncLLM output_handler failed", "[shutdown] MPClient: engine core exited unexpectedly")
+
+
+def _quiet_idle_end(record: logging.LogRecord) -> bool:
+    """Logging filter: drop vLLM's dead-engine-core records while no engine of this process has a request in
+    flight. When a run ends, Ray ends an actor's child processes with it, so the core can go before the client
+    is closed: vLLM then logs an EngineDeadError traceback after a run that went well. A core that dies under
+    a request is still logged (and the request fails, as before)."""
+    return not (record.getMessage().startswith(_CORE_GONE) and not any(e._busy for e in list(_ENGINES)))
+
+
 class _Engine(_Loop):
     """Shared plumbing: the engine's own event loop, tokenizer, rendering, exact token counts."""
 
     llm: Any
     cfg: JobConfig
+    _busy = 0  # requests in flight, counted on the engine's loop
 
     def _start(self, **engine_args: Any) -> None:
         """Build the AsyncLLM on the private loop, where its output handler and every request run."""
@@ -146,6 +160,10 @@ class _Engine(_Loop):
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
 
         self.llm = self._wait(build())
+        _ENGINES.add(self)
+        for name in ("vllm.v1.engine.async_llm", "vllm.v1.engine.core_client"):
+            if _quiet_idle_end not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_quiet_idle_end)
         atexit.register(self.close)  # before interpreter teardown: the engine core stops cleanly, no noise
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len: int = self.llm.model_config.max_model_len
@@ -155,8 +173,12 @@ class _Engine(_Loop):
         """Await one request's final output from any loop; cancelling the caller aborts the request."""
         async def final() -> Any:
             out = None
-            async for out in stream:
-                pass
+            self._busy += 1
+            try:
+                async for out in stream:
+                    pass
+            finally:
+                self._busy -= 1
             return out
 
         return await self._on_loop(final())

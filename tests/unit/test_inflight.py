@@ -134,3 +134,21 @@ def test_an_engine_actor_holds_at_most_max_batches_in_flight():
     out = asyncio.run(burst())
     assert [t.column("y")[0].as_py() for t in out] == [2 * i for i in range(12)]
     assert Slow.most == 3 and actor.clock.batches == 12
+
+
+def test_a_dead_engine_core_is_quiet_only_while_no_request_is_in_flight():
+    """The end of a run (Ray ends the engine core first) logs no EngineDeadError; a core lost under work does."""
+    from grm_ray import engines
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("vllm.v1.engine.async_llm", logging.ERROR, __file__, 1, msg, None, None)
+
+    engine = engines._Engine.__new__(engines._Engine)  # no vLLM here: only the in-flight count matters
+    engines._ENGINES.add(engine)
+    try:
+        assert not engines._quiet_idle_end(record("AsyncLLM output_handler failed."))
+        assert engines._quiet_idle_end(record("some other error"))
+        engine._busy = 1
+        assert engines._quiet_idle_end(record("AsyncLLM output_handler failed."))
+    finally:
+        engines._ENGINES.discard(engine)
