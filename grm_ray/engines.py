@@ -528,7 +528,8 @@ class OpenAIEngine(_Loop):
 class OpenAIJudge(OpenAIEngine):
     """The judge meta mode on the same OpenAI-compatible server (meta_model or the GRM): logprob('yes') -
     logprob('no') of the first answer token, asked exactly with vLLM's `logprob_token_ids`; on a server
-    without it, read from the top-20 logprobs (NaN, logged, when either word is not among them)."""
+    without it, read from the top-20 logprobs (a word not among them counts as the least likely one shown;
+    NaN, logged, when neither is)."""
 
     def __init__(self, cfg: JobConfig):
         super().__init__(cfg.model_copy(update={"model": cfg.meta_model or cfg.model}))
@@ -545,13 +546,23 @@ class OpenAIJudge(OpenAIEngine):
                 "logprob_token_ids": [self.yes_id, self.no_id], "return_tokens_as_token_ids": True})
             top = (out.choices[0].logprobs.top_logprobs or [{}])[0]
             yes, no = (top.get(f"token_id:{t}", top.get(self.tokenizer.decode([t]))) for t in (self.yes_id, self.no_id))
-            return math.nan if yes is None or no is None else yes - no
+            return yes_minus_no(yes, no, top.values())
 
         result = list(await asyncio.gather(*(one(p) for p in ids)))
         if any(math.isnan(x) for x in result):
             log.warning("judge: %d of %d items got no yes/no logprobs (too long, or not offered by the server)",
                         sum(math.isnan(x) for x in result), len(result))
         return result
+
+
+def yes_minus_no(yes: float | None, no: float | None, shown: Any) -> float:
+    """The judge's score from top-k logprobs: a word outside them is at most as likely as the least likely
+    one shown, so a judge sure of "yes" (no "no" in sight) ranks high instead of being dropped as unrated.
+    NaN when neither word is shown."""
+    if yes is None and no is None:
+        return math.nan
+    floor = min(shown)
+    return (floor if yes is None else yes) - (floor if no is None else no)
 
 
 def grm_engine(cfg: JobConfig) -> Any:

@@ -38,7 +38,7 @@ SAMPLE_TYPE = pa.struct([
     ("text", pa.string()),                 # the GRM's generated principles, critique and scores
     ("scores", pa.list_(pa.int32())),      # in ORIGINAL response order; null when invalid
     ("valid", pa.bool_()),
-    ("meta_score", pa.float64()),          # meta-RM rating of this sample; null without a meta RM
+    ("meta_score", pa.float64()),          # meta-RM rating; null without meta RM or if invalid; NaN: too long for it
     ("kept", pa.bool_()),                  # whether this sample voted
     ("repaired", pa.bool_()),              # cut at max_tokens, finished by a constrained continuation
     ("hinted", pa.bool_()),                # the prompt named the labelled best response

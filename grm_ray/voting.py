@@ -5,6 +5,7 @@ optional `meta_score`. Scores are 1..10, so one more sample moves any two totals
 """
 from __future__ import annotations
 
+import collections
 import math
 import random
 
@@ -30,12 +31,20 @@ def unshuffle(scores: Sequence[int], order: Sequence[int]) -> list[int]:
 def select_kept(samples: Sequence[Mapping[str, Any]], k_meta: int | None) -> list[int]:
     """Indices of the samples that vote: every valid one, or the k_meta valid ones of highest meta_score.
 
-    Ties in meta_score keep the earlier sample; a missing meta_score ranks last.
+    A missing (or NaN) meta_score ranks last. Ties take the response orders in turn (the first sample of
+    each order, then the second...): samples are stored grouped by order, so "the earlier sample" would
+    keep one order only, and a meta RM that rates nothing (an item too long for it) would bring position
+    bias back.
     """
     valid = [i for i, s in enumerate(samples) if s.get("scores") is not None]
     if k_meta is None:
         return valid
-    rank = sorted(valid, key=lambda i: (-_meta(samples[i]), i))
+    seen: collections.Counter = collections.Counter()
+    turn = {}
+    for i in valid:
+        order = tuple(samples[i].get("order") or ())
+        turn[i], seen[order] = seen[order], seen[order] + 1
+    rank = sorted(valid, key=lambda i: (-_meta(samples[i]), turn[i], i))
     return sorted(rank[:k_meta])
 
 

@@ -734,3 +734,16 @@ def test_batches_in_flight_at_once_give_what_one_at_a_time_gives():
         return await asyncio.gather(*(aapply(stage, t) for t in batches))
 
     assert [t.to_pylist() for t in asyncio.run(together())] == [t.to_pylist() for t in one_by_one]
+
+
+def test_the_judge_read_from_top_logprobs_ranks_a_sure_yes_high():
+    """On a server without logprob_token_ids the judge reads the top 20: a missing word is bounded, not NaN."""
+    import math
+
+    from grm_ray.engines import yes_minus_no
+
+    shown = [-0.01, -5.0, -9.0]
+    assert yes_minus_no(-0.01, None, shown) == pytest.approx(8.99)    # sure yes: "no" below the top 20
+    assert yes_minus_no(None, -0.01, shown) == pytest.approx(-8.99)   # sure no
+    assert yes_minus_no(-0.7, -0.7, shown) == 0.0
+    assert math.isnan(yes_minus_no(None, None, shown))

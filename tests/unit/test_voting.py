@@ -71,6 +71,21 @@ def test_k_meta_ties_keep_the_earlier_sample_and_missing_meta_ranks_last():
     assert select_kept([S(None, 3.0), S([1, 2])], None) == [1]
 
 
+def test_k_meta_ties_take_the_response_orders_in_turn():
+    """Samples are stored grouped by order: a meta RM that rates nothing (an item too long for it) must not keep
+    one order only. Here a purely position-biased GRM (first shown 8, second 5) must come out tied."""
+    nan = float("nan")
+    shown_b_first = [{"scores": [5, 8], "order": [1, 0], "meta_score": nan}] * 4
+    shown_a_first = [{"scores": [8, 5], "order": [0, 1], "meta_score": nan}] * 4
+    samples = shown_b_first + shown_a_first
+    assert select_kept(samples, 4) == [0, 1, 4, 5]
+    r = vote(samples, k_meta=4)
+    assert r["tie"] and r["vote_totals"] == [26.0, 26.0]
+    # rated samples still come first, whatever their order
+    samples[6] = {**samples[6], "meta_score": 2.0}
+    assert select_kept(samples, 3) == [0, 4, 6]
+
+
 def test_k_meta_larger_than_valid_keeps_all_valid():
     r = vote([S([8, 3], 1.0), S(None, 2.0), S([6, 5], 0.0)], k_meta=8)
     assert r["n_kept"] == 2 and r["vote_totals"] == [14.0, 8.0]
@@ -195,7 +210,7 @@ def test_top_k_meta_selection_is_sorting_by_meta(case, k_meta):
     dropped = [i for i in valid if i not in kept]
     for i in kept:
         for j in dropped:
-            # a kept sample has the higher meta score, or the same one and comes earlier
+            # a kept sample has the higher meta score, or the same one and comes earlier (no orders here)
             assert meta(i) > meta(j) or (meta(i) == meta(j) and i < j)
     # the vote counts exactly the kept samples
     r = vote(samples, k_meta=k_meta)
