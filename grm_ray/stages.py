@@ -251,10 +251,12 @@ class GRMSampler:
                 s = {"order": order, "text": g.text, "scores": None, "valid": False, "meta_score": None,
                      "kept": False, "repaired": False, "hinted": self._hinted(row), "n_tokens": g.n_tokens}
                 shown = parse_scores(g.text, n)
-                if shown is not None:
+                # a sample cut at max_tokens counts only if its text ends in the box: else the box is one the
+                # critique quoted (say a response's own \boxed{42}) before its Scores line was reached
+                if g.finish_reason == "length" and (shown is None or not g.text.rstrip().endswith("}")):
+                    repairs.append((s, list(prompt_ids) + list(g.token_ids)))  # continued from its own tokens
+                elif shown is not None:
                     s.update(scores=voting.unshuffle(shown, order), valid=True)
-                elif g.finish_reason == "length":  # continue from the prompt's and the sample's own tokens
-                    repairs.append((s, list(prompt_ids) + list(g.token_ids)))
                 out[SAMPLES].append(s)
         if repairs:
             tails = await self.engine.arepair([p for _, p in repairs], [n] * len(repairs))

@@ -277,9 +277,10 @@ class FakeGRM:
     asample call (one per item and round), `repairs` one (prefixes, n_responses) per arepair call.
     """
 
-    def __init__(self, scorer=good_scorer, max_prompt_tokens=100_000, cut=None, repair_text=None):
+    def __init__(self, scorer=good_scorer, max_prompt_tokens=100_000, cut=None, repair_text=None,
+                 cut_text="Specific Criteria: depth.\nAnalysis: Response 1 goes on and on"):
         self.scorer, self.max_prompt_tokens, self.cut = scorer, max_prompt_tokens, cut
-        self.repair_text = repair_text
+        self.repair_text, self.cut_text = repair_text, cut_text
         self.calls: list[tuple[list[str], list[int], list[int]]] = []
         self.repairs: list[tuple[list[str], list[int]]] = []
         self.drawn: collections.Counter = collections.Counter()
@@ -312,7 +313,7 @@ class FakeGRM:
                 j = self.drawn[p]
                 self.drawn[p] += 1
                 if self.cut and self.cut(p, j):
-                    text = "Specific Criteria: depth.\nAnalysis: Response 1 goes on and on"
+                    text = self.cut_text
                     gens.append(Generation(text, 64, "length", tokens(text)))
                     continue
                 scores = [self.scorer(r, j, p) for r in shown]
@@ -440,6 +441,21 @@ def test_cut_sample_is_repaired_and_marked():
         assert s["n_tokens"] == 64 + 9
         assert s["valid"] is True and s["scores"] == [2, 9, 2]
     assert all(s["valid"] and s["scores"] == [2, 9, 2] for s in out)
+
+
+def test_a_cut_sample_is_not_scored_by_a_box_its_critique_quoted():
+    """Cut at max_tokens after quoting a response's own box: that box is not the sample's scores."""
+    quoted = "Specific Criteria: math.\nAnalysis: Response 2 writes \\boxed{1, 10} as its answer, which"
+    engine = FakeGRM(cut=lambda p, j: j == 0, cut_text=quoted)
+    out = GRMSampler(cfg(k=2), engine)([item("r", ["GOOD", "bad"])])[0][S.SAMPLES]
+    cut = [s for s in out if s["text"].startswith(quoted)]
+    assert len(cut) == 2 and all(s["repaired"] and s["valid"] for s in cut)
+    assert all(s["scores"] == [9, 2] for s in cut)  # the repair's box, not the quoted [1, 10]
+    # a sample cut right after its own box (nothing after it) keeps that box, unrepaired
+    own = "Specific Criteria: x.\nAnalysis: y.\nScores: \\boxed{3, 4}"
+    engine = FakeGRM(cut=lambda p, j: j == 0, cut_text=own)
+    out = GRMSampler(cfg(k=2), engine)([item("r", ["GOOD", "bad"])])[0][S.SAMPLES]
+    assert not engine.repairs and sum(s["text"] == own for s in out) == 2
 
 
 def test_failed_repair_stays_invalid_but_marked():
