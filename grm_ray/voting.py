@@ -84,13 +84,14 @@ def vote(samples: Sequence[Mapping[str, Any]], k_meta: int | None = None, seed: 
     best = leaders[0] if len(leaders) == 1 else random.Random(seed).choice(leaders)
     rewards = [t / len(kept) for t in totals]
     others = [r for j, r in enumerate(rewards) if j != best]
-    result.update(
-        rewards=rewards, vote_totals=totals, best_index=best, tie=len(leaders) > 1,
-        margin=rewards[best] - max(others) if others else None,
-        confidence=confidence([samples[i]["scores"] for i in kept], best,
-                              [samples[i]["order"] for i in kept] if all(samples[i].get("order") for i in kept)
-                              else None),
-    )
+    conf = confidence([samples[i]["scores"] for i in kept], best,
+                      [samples[i]["order"] for i in kept] if all(samples[i].get("order") for i in kept) else None)
+    if conf is not None and len(leaders) > 1:
+        # a tie's winner is a coin flip: kept samples unevenly spread over the orders can tilt the de-biased
+        # posterior, but a tied row must never pass a confidence filter
+        conf = min(conf, 0.5)
+    result.update(rewards=rewards, vote_totals=totals, best_index=best, tie=len(leaders) > 1,
+                  margin=rewards[best] - max(others) if others else None, confidence=conf)
     return result
 
 

@@ -86,6 +86,18 @@ def test_k_meta_ties_take_the_response_orders_in_turn():
     assert select_kept(samples, 3) == [0, 4, 6]
 
 
+def test_a_tie_never_reports_more_than_half_confidence():
+    """Kept samples unevenly spread over the orders (meta selection) tilt the de-biased posterior; a tied row
+    is a coin flip all the same."""
+    a, b = [0, 1], [1, 0]
+    samples = [{"scores": [7, 5], "order": a, "meta_score": m} for m in (2.0, 1.9, 1.8)] + \
+        [{"scores": [6, 6], "order": a, "meta_score": -1.0}, {"scores": [3, 9], "order": b, "meta_score": 1.7}] + \
+        [{"scores": [5, 6], "order": b, "meta_score": -2.0}] * 3
+    for seed in range(6):  # either tie-break
+        r = vote(samples, k_meta=4, seed=seed)
+        assert r["tie"] and r["vote_totals"] == [24.0, 24.0] and r["confidence"] <= 0.5
+
+
 def test_k_meta_larger_than_valid_keeps_all_valid():
     r = vote([S([8, 3], 1.0), S(None, 2.0), S([6, 5], 0.0)], k_meta=8)
     assert r["n_kept"] == 2 and r["vote_totals"] == [14.0, 8.0]
