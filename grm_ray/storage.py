@@ -141,7 +141,7 @@ def list_inputs(uri_: str, endpoint_url: str | None = None, exclude: str | None 
         if _is_glob(path):  # a match is a file, or a directory read recursively
             root = _fixed_prefix(path)
             found = [f for i in fs.glob(path, detail=True).values()
-                     for f in ([i] if i.get("type") == "file" else fs.find(i["name"], detail=True).values())]
+                     for f in ([i] if i.get("type") != "directory" else fs.find(i["name"], detail=True).values())]
         elif fs.isdir(path):
             root = path
             found = list(fs.find(path, detail=True).values())
@@ -149,6 +149,7 @@ def list_inputs(uri_: str, endpoint_url: str | None = None, exclude: str | None 
             return fs, posixpath.dirname(path), [fs.info(path)]
         else:
             raise FileNotFoundError(f"input {uri_} does not exist")
+    found = _follow_links(fs, found, {os.path.realpath(root)} if _is_local(fs) else set())
     skip = None
     if exclude:
         other, skip = filesystem(exclude, endpoint_url)
@@ -163,6 +164,28 @@ def list_inputs(uri_: str, endpoint_url: str | None = None, exclude: str | None 
     if not files:
         raise FileNotFoundError(f"no input files found under {uri_} (names starting with '_' or '.' are skipped)")
     return fs, root, [files[name] for name in sorted(files)]
+
+
+def _follow_links(fs: fsspec.AbstractFileSystem, found: list[dict[str, Any]], seen: set[str]
+                  ) -> list[dict[str, Any]]:
+    """Local symlinks, which fsspec lists as type 'other' without descending: a link to a file is that file
+    (size and mtime of the target), a link to a directory is read like one, each real directory once."""
+    out = []
+    for info in found:
+        name = info["name"]
+        if not info.get("islink"):
+            out.append(info)
+        elif os.path.isdir(name) and os.path.realpath(name) not in seen:
+            seen.add(os.path.realpath(name))
+            out += _follow_links(fs, list(fs.find(name, detail=True).values()), seen)
+        elif os.path.isfile(name):
+            st = os.stat(name)
+            out.append({**info, "type": "file", "size": st.st_size, "mtime": st.st_mtime})
+    return out
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _parents(found: list[dict[str, Any]]) -> set[str]:
