@@ -260,13 +260,18 @@ def read_ledger(fs: Any, out_dir: str) -> Ledger:
     parts = storage.committed_parts(fs, out_dir)
 
     def record(path: str) -> tuple[str, int, dict, dict]:
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        kv = meta.metadata or {}
-        if RECORD_KEY not in kv:
-            raise JobError(f"committed part {storage.uri(fs, path)} has no row record ({RECORD_KEY.decode()}): it "
-                           "was written by an older grm-ray; rescore into a new output or pass --overwrite")
-        return path, meta.num_rows, json.loads(kv[RECORD_KEY]), json.loads(kv.get(FINGERPRINT_KEY, b"{}"))
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            kv = meta.metadata or {}
+            if RECORD_KEY not in kv:
+                raise JobError(f"committed part {storage.uri(fs, path)} has no row record ({RECORD_KEY.decode()}):"
+                               " it was not written by grm-ray (or by a version before row records); move it out "
+                               "of the output, rescore into a new output, or pass --overwrite")
+            return path, meta.num_rows, json.loads(kv[RECORD_KEY]), json.loads(kv.get(FINGERPRINT_KEY, b"{}"))
+        except (pa.ArrowException, ValueError) as e:  # ValueError: a record that is not JSON
+            raise JobError(f"committed part {storage.uri(fs, path)} cannot be read ({e}): it is damaged (a write "
+                           "cut short?); move it out of the output and rerun: its rows are scored again") from e
 
     led = Ledger(parts=len(parts))
     per_key: dict[str, list[list[int]]] = {}
@@ -517,6 +522,8 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def describe(self, holder: dict[str, Any]) -> str:
+        if holder.get("id") == UNREADABLE:
+            return "an unreadable lease file (empty, or not a lease)"
         age = time.time() - holder.get("heartbeat", 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("started", 0)))
         return (f"{holder.get('host')} pid {holder.get('pid')} (lease {holder.get('id')}, started {started}, "
@@ -555,6 +562,8 @@ class Lease:
                         storage.uri(self.fs, self.path), self.expiry, e)
 
     def _stale(self, holder: dict[str, Any]) -> str | None:
+        if holder.get("id") == UNREADABLE:
+            return "nothing in it names a live job"
         age = time.time() - holder.get("heartbeat", 0)
         if age > holder.get("expiry", self.expiry):
             return f"no heartbeat for {age:.0f}s (expiry {holder.get('expiry', self.expiry):.0f}s)"
@@ -577,14 +586,21 @@ class Lease:
                 log.warning("output lease renewal failed (retrying): %s", e)
 
     def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The holder and the lease object's ETag (S3). A lease file that is not one (empty, cut short) reads as
+        an unreadable holder, with its ETag, so that it can be taken over like a dead one."""
         self.fs.invalidate_cache(self.path)
         try:
             etag = self.fs.info(self.path).get("ETag") if storage.is_s3(self.fs) else None
-            return json.loads(self.fs.cat_file(self.path)), etag
+            raw = self.fs.cat_file(self.path)
         except FileNotFoundError:
             return None, None
-        except json.JSONDecodeError:
-            return {"heartbeat": 0, "host": "?", "pid": None, "id": "unreadable"}, None
+        try:
+            holder = json.loads(raw)
+            if isinstance(holder, dict) and isinstance(holder.get("heartbeat", 0), (int, float)):
+                return holder, etag
+        except ValueError:
+            pass
+        return {"heartbeat": 0, "host": "?", "pid": None, "id": UNREADABLE}, etag
 
     def _write(self, etag: str | None, create: bool) -> None:
         data = json.dumps({**self.owner, "heartbeat": time.time(), "expiry": self.expiry}).encode()
@@ -625,6 +641,9 @@ class Lease:
         return lock()
 
 
+UNREADABLE = "unreadable"
+
+
 def _alive(pid: int | None, started: float | None) -> bool:
     """Whether a process of this host with that pid and start time still runs (pids get reused)."""
     if not pid:
@@ -637,6 +656,8 @@ def _alive(pid: int | None, started: float | None) -> bool:
     except ImportError:
         try:
             os.kill(pid, 0)
+            return True
+        except PermissionError:  # it runs, as another user
             return True
         except OSError:
             return False

@@ -226,6 +226,20 @@ def test_a_part_whose_record_disagrees_with_its_rows_is_refused(tmp_path):
         plan.read_ledger(fs, out_dir)
 
 
+def test_a_damaged_or_foreign_part_is_an_error_naming_it(tmp_path):
+    """A part cut short (zero bytes after a power loss) or one without our record: one line naming the file."""
+    out = tmp_path / "out"
+    fs, out_dir = storage.filesystem(str(out))
+    fs.makedirs(out_dir, exist_ok=True)
+    (out / "part-cut.parquet").write_bytes(b"")
+    with pytest.raises(plan.JobError, match=r"part-cut.parquet cannot be read .* move it out of the output"):
+        plan.read_ledger(fs, out_dir)
+    os.remove(out / "part-cut.parquet")
+    pq.write_table(pa.table({"x": [1]}), out / "part-00000-spark.snappy.parquet")
+    with pytest.raises(plan.JobError, match=r"part-00000-spark.snappy.parquet has no row record .* not written by"):
+        plan.read_ledger(fs, out_dir)
+
+
 def test_changed_input_is_an_error_naming_it_unless_rescored(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     write(inp / "a.parquet", 2)
@@ -306,6 +320,26 @@ def test_a_stale_or_dead_lease_is_taken_over_with_a_log_line(tmp_path, caplog):
         plan.Lease(fs, out_dir, expiry=30).acquire()
 
 
+def test_an_unreadable_lease_is_taken_over_and_another_users_process_is_alive(tmp_path, caplog, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, out_dir = storage.filesystem(str(out))
+    lease_file(out).write_text("")
+    with caplog.at_level(logging.WARNING, logger="grm_ray.plan"):
+        lease = plan.Lease(fs, out_dir, expiry=30)
+        lease.acquire()
+    assert "taking over the output lease of an unreadable lease file" in caplog.text
+    lease.release()
+    # without psutil, os.kill(pid, 0) -> EPERM means the process runs as another user: alive, not taken over
+
+    def eperm(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setitem(__import__("sys").modules, "psutil", None)
+    monkeypatch.setattr(os, "kill", eperm)
+    assert plan._alive(4242, None)
+
+
 def test_the_heartbeat_renews_and_notices_a_takeover(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -339,6 +373,13 @@ def test_s3_lease_uses_conditional_writes(s3_endpoint):
         second._write('"0123"', create=False)
     first.release()
     assert not fs.exists("lease-bucket/out/_lease.json")
+    # a lease object that is not one (empty, cut short, `null`) is taken over, not a dead end
+    for junk in (b"", b"null", b'{"heartbeat": "x"}'):
+        fs.pipe_file("lease-bucket/out/_lease.json", junk)
+        lease = plan.Lease(fs, "lease-bucket/out", expiry=60)
+        lease.acquire()
+        assert json.loads(fs.cat_file("lease-bucket/out/_lease.json"))["id"] == lease.owner["id"]
+        lease.release()
 
 
 def test_s3_listing_keys_and_fingerprints(s3_endpoint):
