@@ -105,7 +105,7 @@ class JobConfig(BaseModel):
                            "groups, and a big group is split, so the engine pool gets many blocks to share.")
     max_units: int = Field(20_000, ge=1, description="Units a run plans at most: past max_units x unit_rows rows, "
                            "units grow instead, since each one holds ~15 KB of Ray Data state on the driver "
-                           "(a file is always at least one unit).")
+                           "(a row group, or a gap between committed ranges, is always at least one unit).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="Extra vLLM engine arguments (AsyncEngineArgs keywords).")
     # run

@@ -247,7 +247,7 @@ class Console:
                              f"{_duration(p['span_seconds'])}, {p['mean_batches_in_flight']:g} batches in flight"))
         rows.append(("unreadable files", str(len(s.get("bad_files") or {}))))
         orphans = s.get("orphaned_rows") or {}
-        if orphans:  # committed rows whose input file is gone or shorter: kept, and said
+        if orphans:  # committed rows of files the input no longer lists: kept, and said
             rows.append(("orphaned rows", f"{_count(sum(orphans.values()))} in {len(orphans)} file(s) no longer "
                                           "in the input (kept; see the log)"))
         rows += [("output", str(s["output"])), ("log", self.log_file)]

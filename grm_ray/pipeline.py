@@ -494,8 +494,8 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
         if drop_engine_errors(cfg, fs, out_dir):
             p = make_plan(cfg, inputs, read_ledger(fs, out_dir))
     for key, n in sorted(p.orphans.items()):
-        log.warning("output holds %d committed row(s) of %s that the input no longer has (file gone or "
-                    "shorter); they are kept and reported in the summary as orphaned_rows", n, key)
+        log.warning("output holds %d committed row(s) of %s, a file the input no longer lists (deleted, renamed, or "
+                    "outside this input); they are kept and reported in the summary as orphaned_rows", n, key)
     info = {"config": cfg.public(), "versions": versions(), "models": {"grm": cfg.model, "meta": cfg.meta_model}}
     job_path = posixpath.join(out_dir, storage.JOB_FILE)
     storage.write_json(fs, job_path, {**info, "status": "running"})

@@ -346,7 +346,7 @@ class Plan:
     units: list[dict[str, Any]]     # (file, start, stop) with work left, at most cfg.unit_rows rows (see make_plan)
     skipped_rows: int               # already committed by an earlier run
     rescore: list[str]              # keys of changed files whose committed rows are to be dropped first
-    orphans: dict[str, int]         # committed rows whose file (or row) the input no longer has
+    orphans: dict[str, int]         # committed rows of files the input no longer lists
 
     @property
     def total_rows(self) -> int:
@@ -363,7 +363,8 @@ def changed_files(inputs: Inputs, led: Ledger) -> list[InputFile]:
 
 
 def orphans(inputs: Inputs, led: Ledger) -> dict[str, int]:
-    """Committed rows the current input does not contain: {file key: rows} (a file gone, or shorter now)."""
+    """Committed rows the current input does not contain: {file key: rows} (a file deleted, renamed or outside
+    this input)."""
     rows = {f.key: f.rows for f in inputs.files}
     out = {}
     for key, rs in led.ranges.items():
@@ -718,11 +719,15 @@ def audit(cfg: JobConfig, start_ray: Callable[[], Any] = lambda: None) -> dict[s
             report["examples"].append(f"{key}: {missing} of {n} rows not committed")
     report["files"] = len(per_file)
     if inputs:
-        report.update(input_rows=sum(sizes.values()), input_files=len(sizes), bad_files=inputs.bad_files)
+        changed = [f.key for f in changed_files(inputs, read_ledger(fs, out_dir))]  # footers only, in parallel
+        report.update(input_rows=sum(sizes.values()), input_files=len(sizes), bad_files=inputs.bad_files,
+                      changed_files=changed)
         for key, why in sorted(inputs.bad_files.items())[:5]:  # its rows cannot be in the output: not ok
             report["examples"].append(f"{key}: input file unreadable ({why})")
+        for key in changed[:5]:  # its labels are those of an older version of the file: not ok
+            report["examples"].append(f"{key}: rewritten since its rows were scored (rerun with --rescore-changed)")
     report["ok"] = not (report["duplicated_rows"] or report["missing_rows"] or report["orphaned_rows"]
-                        or report["record_mismatches"] or report.get("bad_files"))
+                        or report["record_mismatches"] or report.get("bad_files") or report.get("changed_files"))
     return report
 
 

@@ -59,6 +59,8 @@ def test_growing_glob_changed_input_lease_and_audit(ray_local, tiny_cfg, cli_jso
     pq.write_table(dpo(6, "a2"), inp / "dt=1" / "a.parquet")
     with pytest.raises(JobError, match=r"changed since their rows were scored: dt=1/a.parquet"):
         run(cfg)
+    code, report = cli_json("verify", str(out), "--input", glob)  # the audit agrees: old labels, not ok
+    assert code == 1 and report["changed_files"] == ["dt=1/a.parquet"], report
     third = run(cfg.model_copy(update={"rescore_changed": True}))
     assert third["new_rows"] == 6 and third["rows"] == 9
     rows = {r["source"]: r for r in storage.read_table(str(out)).to_pylist()}
