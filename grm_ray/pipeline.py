@@ -227,6 +227,21 @@ def warn_if_underfed(cfg: JobConfig, max_num_seqs: int | None, stage: str) -> bo
     return True
 
 
+def warn_column_drift(committed: set[tuple[str, ...]], passthrough: pa.Schema, writing: bool) -> bool:
+    """Say when the parts this run writes will have other columns than those already committed (the input
+    gained or lost a column since): readers that take one part's schema, as pq.read_table("dir/") does,
+    would then drop columns without a word."""
+    new = tuple(f.name for f in [*passthrough, *OUTPUT_FIELDS])
+    if not writing or not committed or all(set(c) == set(new) for c in committed):
+        return False
+    old = set().union(*committed)
+    gained, lost = [c for c in new if c not in old], sorted(old - set(new))
+    log.warning("the input's columns differ from those of the parts already committed%s%s: the output's parts will "
+                "differ in columns; load it with one schema over all parts (README, Output)",
+                f"; new: {', '.join(gained)}" if gained else "", f"; no longer: {', '.join(lost)}" if lost else "")
+    return True
+
+
 def finalize(table: pa.Table, passthrough: pa.Schema) -> pa.Table:
     """The output row shape: the unified input columns, then ours (`reused` false unless a reuse set it)."""
     if REUSED not in table.column_names:
@@ -493,6 +508,7 @@ def _run(cfg: JobConfig, fs: Any, out_dir: str, lease: Lease, t0: float, progres
 
         if drop_engine_errors(cfg, fs, out_dir):
             p = make_plan(cfg, inputs, read_ledger(fs, out_dir))
+    warn_column_drift(led.columns, p.inputs.passthrough, bool(p.units))
     for key, n in sorted(p.orphans.items()):
         log.warning("output holds %d committed row(s) of %s, a file the input no longer lists (deleted, renamed, or "
                     "outside this input); they are kept and reported in the summary as orphaned_rows", n, key)

@@ -250,6 +250,7 @@ class Ledger:
     overlaps: list[tuple[str, str]] = field(default_factory=list)      # the first few pairs of parts sharing rows
     rows: int = 0
     parts: int = 0
+    columns: set[tuple[str, ...]] = field(default_factory=set)        # distinct column lists of the parts
 
     def committed(self, key: str) -> int:
         return sum(b - a for a, b in self.ranges.get(key, []))
@@ -259,7 +260,7 @@ def read_ledger(fs: Any, out_dir: str) -> Ledger:
     """Every committed part's record (its footer only, read in parallel)."""
     parts = storage.committed_parts(fs, out_dir)
 
-    def record(path: str) -> tuple[str, int, dict, dict]:
+    def record(path: str) -> tuple[str, int, dict, dict, tuple[str, ...]]:
         try:
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
@@ -268,14 +269,16 @@ def read_ledger(fs: Any, out_dir: str) -> Ledger:
                 raise JobError(f"committed part {storage.uri(fs, path)} has no row record ({RECORD_KEY.decode()}):"
                                " it was not written by grm-ray (or by a version before row records); move it out "
                                "of the output, rescore into a new output, or pass --overwrite")
-            return path, meta.num_rows, json.loads(kv[RECORD_KEY]), json.loads(kv.get(FINGERPRINT_KEY, b"{}"))
+            return (path, meta.num_rows, json.loads(kv[RECORD_KEY]), json.loads(kv.get(FINGERPRINT_KEY, b"{}")),
+                    tuple(meta.schema.to_arrow_schema().names))
         except (pa.ArrowException, ValueError) as e:  # ValueError: a record that is not JSON
             raise JobError(f"committed part {storage.uri(fs, path)} cannot be read ({e}): it is damaged (a write "
                            "cut short?); move it out of the output and rerun: its rows are scored again") from e
 
     led = Ledger(parts=len(parts))
     per_key: dict[str, list[list[int]]] = {}
-    for path, n, ranges, prints in parallel(record, parts):
+    for path, n, ranges, prints, columns in parallel(record, parts):
+        led.columns.add(columns)
         held = sum(b - a for rs in ranges.values() for a, b in rs)
         if held != n:
             raise JobError(f"committed part {storage.uri(fs, path)} holds {n} rows but records {held}; "

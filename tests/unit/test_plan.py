@@ -500,3 +500,24 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["score", str(tmp_path / "in"), str(tmp_path / "out")])
     assert r.exit_code == 130, r.output
     assert "error: interrupted: committed parts are kept; rerun the same command to resume" in r.output
+
+
+def test_parts_with_other_columns_than_the_committed_ones_are_warned_of(tmp_path, caplog):
+    """The input gained a column since the first run: pq.read_table("dir/") would drop it without a word."""
+    from grm_ray.pipeline import warn_column_drift
+    from grm_ray.schema import OUTPUT_FIELDS
+
+    write(tmp_path / "in" / "a.parquet", 2)
+    out = tmp_path / "out"
+    commit(out, ["a.parquet#0", "a.parquet#1"],
+           table=pa.table({"prompt": ["q", "q"], "source": ["a.parquet#0", "a.parquet#1"]}))
+    fs, out_dir = storage.filesystem(str(out))
+    led = plan.read_ledger(fs, out_dir)
+    assert led.columns == {("prompt", "source")}
+    same = pa.schema([("prompt", pa.string())])
+    led.columns = {tuple(["prompt", *(f.name for f in OUTPUT_FIELDS)])}
+    assert not warn_column_drift(led.columns, same, writing=True)
+    with caplog.at_level(logging.WARNING):
+        assert warn_column_drift(led.columns, pa.schema([("prompt", pa.string()), ("topic", pa.string())]), True)
+    assert "new: topic" in caplog.text
+    assert not warn_column_drift(led.columns, pa.schema([("topic", pa.string())]), writing=False)  # nothing to write
