@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .config import JobConfig
 from .plan import (JobError, Lease, Plan, check_counts, check_previous_job, duplicate_ids, error_rows, make_plan,
-                   part_record, read_ledger, rewrite_parts, rows_of_files, scan_inputs)
+                   part_record, read_ledger, read_runs, rewrite_parts, rows_of_files, scan_inputs)
 from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, aapply, apply
 
@@ -45,8 +45,8 @@ def versions() -> dict[str, str]:
 
 def read_units(units: pa.Table, cfg: JobConfig, passthrough: pa.Schema,
                duplicate_ids: frozenset[str]) -> Iterator[pa.Table]:
-    """Ray Data UDF: read each unit's row range, normalise, conform the schema; memory bounded by the chunk,
-    not by the row group (a unit may be a slice of a million-row group)."""
+    """Ray Data UDF: read each row range (consecutive units of one row group, plan.read_runs), normalise,
+    conform the schema; yields chunks of batch_size x 4 rows, which build() cuts into blocks of a unit's rows."""
     normalize = Normalize(cfg)
     chunk = cfg.batch_size * 4
     fs, _ = storage.filesystem(cfg.input, cfg.s3_endpoint_url)
@@ -438,6 +438,17 @@ def add_scoring(ds, cfg: JobConfig, grm_stage: type = GRMSampler, stats: Any = N
                           fn_kwargs={"cfg": cfg})
 
 
+def _blocks_of(ds: Any, rows: int) -> Any:
+    """Cut the read tasks' output into blocks of at most `rows` rows, so that a row group read in one task
+    still reaches the engine pool as many blocks (one block goes to one actor). Ray fuses this into the read
+    tasks when both ask for the same resources; its own repartition asks for none, hence the setdefault."""
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        op.ray_remote_args.setdefault("num_cpus", LIGHT_CPUS)
+    return ds
+
+
 def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], duplicate_ids: frozenset[str] = frozenset(),
           grm_stage: type = GRMSampler, stats: Any = None):
     """The Ray Data pipeline; nothing runs until it is consumed (with --reuse, the join with the previous
@@ -448,9 +459,11 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
     import ray
 
     passthrough = p.inputs.passthrough
-    ds = ray.data.from_items(p.units, override_num_blocks=max(1, len(p.units)))
+    reads = read_runs(p.units)
+    ds = ray.data.from_items(reads, override_num_blocks=max(1, len(reads)))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": passthrough, "duplicate_ids": duplicate_ids})
+    ds = _blocks_of(ds, p.unit_rows)
     reused = None
     if cfg.reuse:
         from .reuse import split

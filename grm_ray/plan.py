@@ -350,6 +350,7 @@ class Plan:
     skipped_rows: int               # already committed by an earlier run
     rescore: list[str]              # keys of changed files whose committed rows are to be dropped first
     orphans: dict[str, int]         # committed rows of files the input no longer lists
+    unit_rows: int = 1024           # the rows of a unit: cfg.unit_rows, or more past cfg.max_units
 
     @property
     def total_rows(self) -> int:
@@ -399,7 +400,22 @@ def make_plan(cfg: JobConfig, inputs: Inputs, led: Ledger) -> Plan:
               "fmt": f.fmt, "file_error": f.error, "renames": f.renames}
              for f, group, start, stop in spans for a in range(start, stop, size)]
     return Plan(inputs=inputs, units=units, skipped_rows=skipped, rescore=sorted(rescore),
-                orphans=orphans(inputs, led))
+                orphans=orphans(inputs, led), unit_rows=size)
+
+
+def read_runs(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive units of one row group merged into one read: Parquet cannot start a read inside a row group,
+    so a unit of a million-row group read alone fetched the whole group and decoded it up to the unit's start,
+    once per unit (quadratic; on S3 the whole group downloaded per unit). The read task decodes the group
+    once and pipeline.build cuts its output back into blocks of a unit's rows."""
+    runs: list[dict[str, Any]] = []
+    for u in units:
+        last = runs[-1] if runs else None
+        if last and (last["path"], last["group"], last["stop"]) == (u["path"], u["group"], u["start"]):
+            last["stop"] = u["stop"]
+        else:
+            runs.append(dict(u))
+    return runs
 
 
 def _within_groups(spans: list[tuple[int, int]], groups: tuple[int, ...]) -> list[tuple[tuple[int, int], int, int]]:

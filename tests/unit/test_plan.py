@@ -521,3 +521,18 @@ def test_parts_with_other_columns_than_the_committed_ones_are_warned_of(tmp_path
         assert warn_column_drift(led.columns, pa.schema([("prompt", pa.string()), ("topic", pa.string())]), True)
     assert "new: topic" in caplog.text
     assert not warn_column_drift(led.columns, pa.schema([("topic", pa.string())]), writing=False)  # nothing to write
+
+
+def test_consecutive_units_of_one_row_group_are_read_in_one_pass(tmp_path):
+    """Parquet cannot start a read inside a row group: each unit of a big group read alone decoded the group
+    up to its start (and fetched all of it), so the units of one group are read as one range."""
+    write(tmp_path / "in" / "a.parquet", 10, row_group_size=10)
+    write(tmp_path / "in" / "b.parquet", 6, row_group_size=3)
+    out = tmp_path / "out"
+    commit(out, ["a.parquet#4"])  # a gap splits a's group into two runs
+    cfg = cfg_for(tmp_path / "in", out, unit_rows=2)
+    fs, out_dir = storage.filesystem(str(out))
+    p = plan.make_plan(cfg, plan.scan_inputs(cfg), plan.read_ledger(fs, out_dir))
+    assert p.unit_rows == 2 and len(p.units) == 9
+    runs = [(u["key"], u["group"][0], u["start"], u["stop"]) for u in plan.read_runs(p.units)]
+    assert runs == [("a.parquet", 0, 0, 4), ("a.parquet", 0, 5, 10), ("b.parquet", 0, 0, 3), ("b.parquet", 1, 3, 6)]
