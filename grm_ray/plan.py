@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import JobConfig
-from .schema import ERROR, ID, OUTPUT_FIELDS, detect_format, required_columns
+from .schema import ERROR, ID, OUTPUT_FIELDS, detect_format, id_text, required_columns
 
 log = logging.getLogger(__name__)
 THREADS = 32  # footers and part records are small reads: latency-bound, so many at once
@@ -209,7 +209,9 @@ def _read_ids(batch: pa.Table, input_uri: str, endpoint: str | None) -> pa.Table
     path = batch.column("path")[0].as_py()
     with fs.open(path, "rb") as f:
         col = storage.read_parquet(f, columns=[ID]).column(ID)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type)):
+    if pa.types.is_floating(col.type):  # pandas' ints once one is missing: 1.0 -> "1", NaN -> no id
+        col = pa.array([id_text(v) for v in col.to_pylist()], pa.string())
+    elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type)):
         col = col.cast(pa.string())
     col = col.cast(pa.binary()).drop_null()
     return pa.table({ID: col})

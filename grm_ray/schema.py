@@ -118,6 +118,20 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
     return out
 
 
+def _whole(value: Any) -> Any:
+    """pandas writes an integer column that has a missing value as float64: 1.0 -> 1, NaN -> None."""
+    if isinstance(value, float) and (value != value or value.is_integer()):
+        return None if value != value else int(value)
+    return value
+
+
+def id_text(value: Any) -> str | None:
+    """An input `id` as the output's string: an int, or a whole float (pandas), as its decimal text, as
+    Arrow's cast writes it (plan's duplicate-id pass reads ids that way); NaN or null: no id."""
+    value = _whole(value)
+    return None if value is None else str(value)
+
+
 def read_marker(columns: Iterable[str]) -> str:
     """The column that is null on the rows whose input could not be read as an item (theirs carry `error`):
     `content_key`; in outputs written before it existed, `responses`."""
@@ -141,16 +155,27 @@ def as_given(row: Any, fmt: str | None) -> dict[str, Any]:
             isinstance(m, dict) and all(isinstance(m.get(k), (str, type(None))) for k in ("role", "content"))
             for m in messages):
         out[MESSAGES] = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
-    if isinstance(label, int) and not isinstance(label, bool) and -(2**63) <= label < 2**63:
-        out[LABEL] = label
+    label = _whole(label)
+    if isinstance(label, int) and -(2**63) <= label < 2**63:
+        out[LABEL] = int(label)
     return out
 
 
 def _reply(value: Any, field: str) -> str:
-    """A DPO `chosen`/`rejected`: a string, or a conversational list whose last message is the reply."""
-    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], dict):
-        return _text(value[-1].get("content"), f"{field}[-1].content", allow_empty=True)
-    return _text(value, field, allow_empty=True)
+    """A DPO `chosen`/`rejected`: a string, or TRL's conversational list of the assistant's messages (their
+    contents joined by a blank line when there are several: the whole reply is scored)."""
+    if not isinstance(value, (list, tuple)):
+        return _text(value, field, allow_empty=True)
+    if not value:
+        raise RowError(f"field '{field}' is an empty list of messages")
+    parts = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "content" not in m:
+            raise RowError(f"field '{field}[{i}]' must be a {{role, content}} mapping")
+        if m.get("role", "assistant") != "assistant":
+            raise RowError(f"field '{field}[{i}].role' is {m.get('role')!r}; a reply's messages are the assistant's")
+        parts.append(_text(m["content"], f"{field}[{i}].content", allow_empty=True))
+    return "\n\n".join(parts)
 
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")  # a marker opens a turn only after a blank line
@@ -218,9 +243,9 @@ def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, An
         if not raw:
             raise RowError("field 'responses' is empty")
         responses = [_text(r, f"responses[{i}]", allow_empty=True) for i, r in enumerate(raw)]
-        label = row.get(LABEL)
-        if isinstance(label, float) and (label != label or label.is_integer()):  # pandas writes ints as floats
-            label = None if label != label else int(label)  # once a value is missing (NaN: no label)
+        label = _whole(row.get(LABEL))
+        if isinstance(label, bool) and len(responses) == 1:  # one response: True is good
+            label = int(label)
         top = max(1, len(responses) - 1)  # a single response carries a 0/1 (bad/good) label
         if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= top):
             raise RowError(f"field 'label' must be an integer in 0..{top}, got {label!r}")

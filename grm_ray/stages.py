@@ -20,7 +20,7 @@ from .engines import RequestFailed
 from .parsing import parse_scores
 from .reuse import content_key, options_digest
 from .schema import (CONTENT_KEY, ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES,
-                     SOURCE, VOTED, RowError, as_given, normalize)
+                     SOURCE, VOTED, RowError, as_given, id_text, normalize)
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -79,16 +79,16 @@ class Normalize:
         out = []
         for raw, row in zip(_rows(table), rows):
             source = f"{file}#{row}"
-            given_id = raw.get(ID) if isinstance(raw, dict) else None
-            item: Row = {ID: source if given_id is None else str(given_id), SOURCE: source,
+            given_id = id_text(raw.get(ID)) if isinstance(raw, dict) else None
+            item: Row = {ID: source if given_id is None else given_id, SOURCE: source,
                          MESSAGES: None, RESPONSES: None, LABEL: None, ERROR: None, CONTENT_KEY: None}
             try:
                 if file_error:
                     raise RowError(file_error)
                 if isinstance(raw, RowError):
                     raise raw
-                if given_id is not None and str(given_id) in duplicate_ids:
-                    raise RowError(f"field 'id': duplicate id {str(given_id)!r} (ids must be unique)")
+                if given_id is not None and given_id in duplicate_ids:
+                    raise RowError(f"field 'id': duplicate id {given_id!r} (ids must be unique)")
                 item.update(normalize(raw, fmt, self.cfg.max_responses))
                 item[CONTENT_KEY] = content_key(item, self.digest)
             except RowError as e:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from grm_ray import schema as S
-from grm_ray.schema import RowError, detect_format, normalize, parse_transcript
+from grm_ray.schema import RowError, as_given, detect_format, id_text, normalize, parse_transcript
 
 HH_FILE = Path("/work/shared/data/hh_rlhf_harmless_test_first300.jsonl")
 
@@ -60,6 +60,11 @@ def test_a_whole_float_label_is_read_as_an_integer_and_nan_as_no_label():
     """pandas stores an integer column with a missing value as float64 (1.0, NaN)."""
     assert normalize({"prompt": "q", "responses": ["a", "b"], "label": 1.0}, "responses", 16)["label"] == 1
     assert normalize({"prompt": "q", "responses": ["a", "b"], "label": float("nan")}, "responses", 16)["label"] is None
+    # kept on a row that cannot be read, too; and a one-response bool label is 0/1
+    assert as_given({"prompt": "", "responses": ["a", "b"], "label": 1.0}, "responses")["label"] == 1
+    assert normalize({"prompt": "q", "responses": ["a"], "label": True}, "responses", 16)["label"] == 1
+    # ids as pandas writes them: as Arrow's cast (the duplicate-id pass) writes them
+    assert (id_text(1.0), id_text(7), id_text(float("nan")), id_text("x1")) == ("1", "7", None, "x1")
 
 
 def test_messages_and_responses_keep_every_turn():
@@ -92,6 +97,9 @@ def test_dpo_trl_conversational():
     assert out["messages"] == row["prompt"]
     assert out["responses"] == ["good", "bad"]
     assert out["label"] == 0
+    # a reply of several assistant messages is scored whole
+    two = {**row, "chosen": [{"role": "assistant", "content": "part1"}, {"role": "assistant", "content": "part2"}]}
+    assert normalize(two, "dpo", 16)["responses"] == ["part1\n\npart2", "bad"]
 
 
 def test_hh_transcripts():
@@ -223,7 +231,9 @@ def test_too_many_responses():
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt'"),
     ({"prompt": [{"role": "user", "content": ""}], "chosen": "a", "rejected": "b"}, "'prompt[0].content'"),
     ({"prompt": USER + [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "'prompt'"),
-    ({"prompt": USER, "chosen": [{"role": "assistant", "content": None}], "rejected": "b"}, "'chosen[-1].content'"),
+    ({"prompt": USER, "chosen": [{"role": "assistant", "content": None}], "rejected": "b"}, "'chosen[0].content'"),
+    ({"prompt": USER, "chosen": [], "rejected": "b"}, "'chosen' is an empty list of messages"),
+    ({"prompt": USER, "chosen": [{"role": "user", "content": "I am user"}], "rejected": "b"}, "'chosen[0].role' is 'user'"),
 ])
 def test_dpo_errors_name_the_field(row, field):
     assert field in _error(row, "dpo")
