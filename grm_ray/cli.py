@@ -8,7 +8,9 @@ import inspect
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -66,26 +68,33 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         log.info("grm-ray score, resolved config:\n%s", json.dumps(cfg.public(), indent=2))
         con.echo(f"grm-ray score {cfg.input} -> {cfg.output} (model {cfg.model}, k={cfg.k}, meta {cfg.meta_mode}); "
                  f"log: {con.log_file}")
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (Kubernetes, a deadline) as Ray's
+            signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(signum))  # driver handler does: exit 15
         try:
             summary = run(cfg, progress=con)
             log.info("summary: %s", json.dumps(summary, indent=2, default=str))
         except (JobError, OSError) as e:  # OSError: a missing path, no permission, a store that cannot be reached
             log.debug("the job stopped", exc_info=True)  # the traceback, in the log file only
             error = e
-        except KeyboardInterrupt:  # Ctrl-C: what is committed stays, and the user is told how to go on
-            log.warning("interrupted")
-            error = KeyboardInterrupt("interrupted: committed parts are kept; rerun the same command to resume")
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C or SIGTERM: what is committed stays, and the
+            if isinstance(e, SystemExit) and e.code != signal.SIGTERM:  # user is told how to go on
+                raise
+            how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+            log.warning(how)
+            error = KeyboardInterrupt(f"{how}: committed parts are kept; rerun the same command to resume")
+            stop_code = 130 if isinstance(e, KeyboardInterrupt) else 143
         finally:
             if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()  # the Ray this run started: its late worker logs go to the log file
     if error is not None:
         typer.echo(f"(details in {con.log_file})", err=True)
-        # the error is the last line a user (or a wrapper script) reads; 130 is the shell's code for Ctrl-C
-        raise _fail(str(error), code=130 if isinstance(error, KeyboardInterrupt) else 2)
+        # the error is the last line a user (or a wrapper script) reads; 130 / 143: the shell's codes for
+        # Ctrl-C / SIGTERM
+        raise _fail(str(error), code=stop_code if isinstance(error, KeyboardInterrupt) else 2)
     con.summary(summary)
     if summary["bad_files"]:
         raise _fail(f"{len(summary['bad_files'])} input file(s) could not be read (see above); "
-                    "every other row was scored", code=3)
+                    + ("every other row was scored" if summary["rows"] else "no input row could be read"), code=3)
     return summary
 
 

@@ -50,6 +50,10 @@ class JobError(RuntimeError):
     """The job cannot start or cannot finish correctly; the message says why and what to do."""
 
 
+class LeaseHeld(JobError):
+    """Another job holds the output's lease: this one wrote nothing there, and must not."""
+
+
 def parallel(fn: Callable[[T], Any], items: Iterable[T], threads: int = THREADS) -> list[Any]:
     """fn over items on a thread pool, results in order: footers of 10^5 files in minutes, not hours."""
     items = list(items)
@@ -559,7 +563,7 @@ class Lease:
                 if not why:
                     expiry = holder.get("expiry", self.expiry)
                     left = max(0.0, expiry - (time.time() - holder.get("heartbeat", 0)))
-                    raise JobError(f"output {storage.uri(self.fs, posixpath.dirname(self.path))} is being written by "
+                    raise LeaseHeld(f"output {storage.uri(self.fs, posixpath.dirname(self.path))} is being written by "
                                    f"another job: {self.describe(holder)}; wait for it to finish, or if it is dead, "
                                    f"rerun after its lease expires ({expiry:.0f}s without a heartbeat: {left:.0f}s "
                                    "from now at the earliest)")
@@ -636,7 +640,7 @@ class Lease:
                 holder, _ = self._read()  # another job wrote first ...
                 if holder and holder.get("id") == self.owner["id"]:
                     return  # ... unless a retried request had already written ours (a dropped response)
-                raise JobError(f"another job took the output lease first: "
+                raise LeaseHeld(f"another job took the output lease first: "
                                f"{self.describe(holder) if holder else e}") from None
         else:
             with storage.naming(self.fs, self.path, "write"):

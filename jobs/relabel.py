@@ -7,8 +7,9 @@
 A Ray job entrypoint (`ray job submit ... -- python jobs/relabel.py ...`, a KubeRay RayJob, or cron); it also
 runs as a plain script with a local Ray.
 - `--date` is YYYY-MM-DD, `today` or `yesterday` (UTC), so a scheduler needs no shell date arithmetic.
-- Idempotent: a date whose OUTPUT/_job.json says `complete` is skipped (exit 0); `--force` rescores it from
-  scratch. A run that died half way resumes where it stopped (grm-ray's exactly-once output).
+- Idempotent: what earlier runs committed is kept (grm-ray's exactly-once output), so a complete date is a
+  no-op that starts no engine, files that arrived since are scored, and a run that died half way resumes;
+  `--force` rescores the date from scratch. A complete date whose input is gone (retention) is skipped.
 - `--reuse-last`: rows unchanged since the newest earlier date whose output is complete keep that date's
   labels (grm-ray `--reuse`); only new or changed rows are scored.
 - Writes OUTPUT/_report.json: rows, reused rows, error rows, generated tokens, samples per item, wall time.
@@ -130,16 +131,19 @@ def report(date: str, cfg: JobConfig, status: str, summary: dict[str, Any] | Non
 
 
 def relabel(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-    """Skip, or score the partition; returns (exit code, report)."""
+    """Score the partition (what an earlier run committed is kept: a complete date whose input has not grown
+    is a no-op that starts no engine); returns (exit code, report)."""
     from grm_ray.pipeline import JobError, run
+    from grm_ray.plan import LeaseHeld
 
     date = resolve_date(args.date)
     cfg = job_config(args, date)
     fs, out_dir = storage.filesystem(cfg.output, cfg.s3_endpoint_url)
     report_path = posixpath.join(out_dir, REPORT_FILE)
     previous = storage.read_json(fs, posixpath.join(out_dir, storage.JOB_FILE))
-    if previous and previous.get("status") == "complete" and not args.force:
-        log.info("%s is already complete in %s; nothing to do (--force rescores it)", date, cfg.output)
+    complete = previous and previous.get("status") == "complete" and not args.force
+    if complete and not storage.input_exists(cfg.input, cfg.s3_endpoint_url):
+        log.info("%s is complete in %s and its input is gone (retention?): nothing to check", date, cfg.output)
         rep = storage.read_json(fs, report_path)
         if rep is None:  # the last run died between _job.json and its report: rebuild it from the summary
             rep = report(date, cfg, "complete", previous.get("summary"))
@@ -152,6 +156,9 @@ def relabel(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     started = time.time()
     try:
         summary = run(cfg)
+    except LeaseHeld as e:  # another run is writing this date: its output, _report.json included, is its own
+        log.error("relabel %s refused: %s", date, e)
+        return 2, report(date, cfg, "refused", started=started, error=str(e))
     except (JobError, OSError) as e:
         rep = report(date, cfg, "failed", started=started, error=str(e))
         try:

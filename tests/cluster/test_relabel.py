@@ -48,7 +48,7 @@ def test_bad_options_exit_2(tmp_path, capsys):
 
 @pytest.mark.timeout(60)
 def test_force_reruns_a_complete_date_and_reports_failure(tmp_path, capsys):
-    """A complete date is skipped; with --force it runs again (here: the input is gone, so it fails)."""
+    """A complete date whose input is gone is skipped; with --force it runs again (and fails: no input)."""
     out = tmp_path / "scored" / f"dt={DATE}"
     out.mkdir(parents=True)
     (out / "_job.json").write_text(json.dumps({"status": "complete", "config": {}, "summary": {
@@ -62,10 +62,29 @@ def test_force_reruns_a_complete_date_and_reports_failure(tmp_path, capsys):
     assert failed["status"] == "failed" and "does not exist" in failed["error"]
 
 
+def test_a_run_refused_by_the_lease_writes_nothing_into_the_holders_output(tmp_path):
+    """A retried cron pod while the night's run is going: refused, and the running job's report is untouched."""
+    from grm_ray import plan, storage
+
+    part = tmp_path / "prefs" / f"dt={DATE}"
+    part.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["q"], "responses": [["a", "b"]]}), part / "part-0.parquet")
+    out = tmp_path / "scored" / f"dt={DATE}"
+    out.mkdir(parents=True)
+    fs, out_dir = storage.filesystem(str(out))
+    holder = plan.Lease(fs, out_dir, expiry=60)
+    holder.acquire()
+    try:
+        assert relabel.main(args_for(tmp_path)) == 2
+    finally:
+        holder.release()
+    assert not (out / "_report.json").exists()
+
+
 @pytest.mark.ray
 @pytest.mark.engine
 @pytest.mark.timeout(420)
-def test_relabel_once_then_skip(local_ray, models, tmp_path, capsys):
+def test_relabel_once_then_nothing_new_then_a_late_file(local_ray, models, tmp_path, capsys):
     part = tmp_path / "prefs" / f"dt={DATE}"
     part.mkdir(parents=True)
     pq.write_table(pa.table({
@@ -85,13 +104,18 @@ def test_relabel_once_then_skip(local_ray, models, tmp_path, capsys):
     parts = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert sum(pq.read_metadata(out / name).num_rows for name in parts) == 6
 
-    capsys.readouterr()
-    before = (out / "_report.json").read_text()
-    assert relabel.main(args_for(tmp_path, models)) == 0  # the same date again: nothing to do
-    assert "skipped" in capsys.readouterr().out
+    assert relabel.main(args_for(tmp_path, models)) == 0  # the same date again: nothing new, nothing written
+    again = json.loads((out / "_report.json").read_text())
+    assert again["status"] == "complete" and (again["rows"], again["new_rows"], again["samples"]) == (6, 0, 0)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == parts
-    assert (out / "_report.json").read_text() == before
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+
+    # a late file lands in the complete partition: the next run scores its rows only
+    pq.write_table(pa.table({"prompt": ["Late question?"], "responses": [["yes", "no"]]}), part / "part-1.parquet")
+    assert relabel.main(args_for(tmp_path, models)) == 0
+    late = json.loads((out / "_report.json").read_text())
+    assert (late["rows"], late["new_rows"]) == (7, 1)
+    assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == 7
 
 
 def test_reuse_last_finds_the_newest_earlier_complete_date(tmp_path):

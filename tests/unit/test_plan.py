@@ -5,6 +5,7 @@ import collections
 import json
 import logging
 import os
+import signal
 import time
 
 import pyarrow as pa
@@ -486,7 +487,7 @@ def test_a_store_that_cannot_be_reached_is_one_error_line_naming_the_input(tmp_p
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch):
+def test_ctrl_c_or_sigterm_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from grm_ray import pipeline
@@ -500,6 +501,19 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["score", str(tmp_path / "in"), str(tmp_path / "out")])
     assert r.exit_code == 130, r.output
     assert "error: interrupted: committed parts are kept; rerun the same command to resume" in r.output
+
+    def terminated(cfg, progress=None):  # what Kubernetes or activeDeadlineSeconds sends
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(pipeline, "run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        r = CliRunner().invoke(app, ["score", str(tmp_path / "in"), str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert r.exit_code == 143, r.output
+    assert "error: terminated (SIGTERM): committed parts are kept; rerun the same command to resume" in r.output
 
 
 def test_parts_with_other_columns_than_the_committed_ones_are_warned_of(tmp_path, caplog):
