@@ -95,7 +95,8 @@ def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard",
 
     `margin` = chosen_reward - rejected_reward, and min_margin compares THIS pair margin, not the table's
     `margin` column (best minus runner-up): it is the gap behind this pair's preference. For pairs the two
-    agree. Skipped: errors, rows without a valid sample, single responses, ties for the top, margin < min_margin;
+    agree. Skipped: errors, rows without a valid sample, single responses, ties for the top, margin < min_margin,
+    pairs of two identical texts;
     `skipped` (when given) counts them by reason, for telling a user why an export is empty.
     """
     conv = _check(fmt)
@@ -113,6 +114,9 @@ def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard",
         margin = rewards[best] - rewards[worst]
         if margin < min_margin:
             _skip(skipped, f"pairs below --min-margin {min_margin:g}")
+            continue
+        if row[S.RESPONSES][best] == row[S.RESPONSES][worst]:  # the GRM told one text apart from itself
+            _skip(skipped, "pairs whose two responses are the same text")
             continue
         out.append({"prompt": _prompt(row[S.MESSAGES], conv),
                     "chosen": _reply(row[S.RESPONSES][best], conv),

@@ -120,6 +120,12 @@ def scan_inputs(cfg: JobConfig) -> Inputs:
         if not found:  # a directory of CSV or JSON, say: a job of no rows would look like success
             raise FileNotFoundError(f"no Parquet files under {cfg.input}: {len(skipped)} file(s) there, none of "
                                     f"them Parquet (e.g. {skipped[0]})")
+    both = [f.key for f, schema, why in found if not why and cfg.input_format == "auto" and f.fmt == "responses"
+            and {"chosen", "rejected"} <= set(schema.names)]
+    if both:  # auto-detection had to choose: say which way, and how to choose the other
+        log.warning("%d file(s) have both `responses` and `chosen`/`rejected` columns (e.g. %s): read in the "
+                    "`responses` format, chosen/rejected kept as input columns; pass --input-format dpo (or hh) to "
+                    "score chosen against rejected instead", len(both), both[0])
     # renames are decided over every file's columns, so a column keeps one output name across the input
     names = set().union(*(schema.names for _, schema, why in found if not why))
     renames = {fmt: input_renames(names, fmt) for fmt in {f.fmt for f, _, why in found if not why}}

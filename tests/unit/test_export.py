@@ -67,6 +67,17 @@ def test_dpo_rows_and_skips():
     assert rows["r5"]["prompt"] == format_conversation(CHAT)
 
 
+def test_dpo_skips_a_pair_of_two_identical_texts():
+    from collections import Counter
+
+    table = scored([{"n": 2, "label": 0, "samples": [smp([9, 2])]}])
+    same = table.set_column(table.schema.get_field_index(S.RESPONSES), S.RESPONSES,
+                            pa.array([["same answer", "same answer"]], table.schema.field(S.RESPONSES).type))
+    skipped = Counter()
+    assert export_dpo(same, skipped=skipped).num_rows == 0 and export_dpo(table).num_rows == 1
+    assert skipped == {"pairs whose two responses are the same text": 1}
+
+
 def test_dpo_min_margin_compares_chosen_minus_rejected():
     # r0: best minus runner-up is 9 - 5 = 4, chosen minus rejected is 6
     assert export_dpo(scored(pair_items()), min_margin=5)["id"].to_pylist() == ["r0", "r5"]

@@ -550,3 +550,17 @@ def test_consecutive_units_of_one_row_group_are_read_in_one_pass(tmp_path):
     assert p.unit_rows == 2 and len(p.units) == 9
     runs = [(u["key"], u["group"][0], u["start"], u["stop"]) for u in plan.read_runs(p.units)]
     assert runs == [("a.parquet", 0, 0, 4), ("a.parquet", 0, 5, 10), ("b.parquet", 0, 0, 3), ("b.parquet", 1, 3, 6)]
+
+
+def test_auto_detection_says_which_format_it_chose_when_two_fit(tmp_path, caplog):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"prompt": ["q"], "chosen": ["a"], "rejected": ["b"], "responses": [["x", "y"]]}),
+                   inp / "both.parquet")
+    with caplog.at_level(logging.WARNING, logger="grm_ray.plan"):
+        files = plan.scan_inputs(cfg_for(inp, tmp_path / "out")).files
+    assert files[0].fmt == "responses" and "pass --input-format dpo" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grm_ray.plan"):
+        files = plan.scan_inputs(cfg_for(inp, tmp_path / "out", input_format="dpo")).files
+    assert files[0].fmt == "dpo" and "input-format" not in caplog.text
