@@ -30,6 +30,7 @@ from .schema import ERROR, NORMALIZED, OUTPUT_FIELDS, REUSED, SOURCE
 from .stages import GRMSampler, MetaScorer, Normalize, Vote, aapply, apply
 
 log = logging.getLogger(__name__)
+READ_TASKS = 1000  # read tasks at most: each reads its share of the units in turn, cut into unit-sized blocks
 LIGHT_CPUS = 0.25  # read / vote / write tasks: light, and must not starve the engine actors of slots
 
 
@@ -459,8 +460,8 @@ def build(cfg: JobConfig, p: Plan, out_dir: str, metadata: dict[str, str], dupli
     import ray
 
     passthrough = p.inputs.passthrough
-    reads = read_runs(p.units)
-    ds = ray.data.from_items(reads, override_num_blocks=max(1, len(reads)))
+    reads = read_runs(p.units)  # consecutive reads share a task: the driver keeps state per task, not per unit
+    ds = ray.data.from_items(reads, override_num_blocks=max(1, min(len(reads), READ_TASKS)))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                         fn_kwargs={"cfg": cfg, "passthrough": passthrough, "duplicate_ids": duplicate_ids})
     ds = _blocks_of(ds, p.unit_rows)
