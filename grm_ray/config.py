@@ -101,10 +101,10 @@ class JobConfig(BaseModel):
     rows_per_file: int = Field(4096, ge=1, description="Rows per committed output part at most (the resume granularity).")
     part_bytes: int = Field(128 << 20, ge=1 << 10, description="Bytes (in memory) per output part at most, at "
                             "least 1024; a batch larger than this is committed as several parts.")
-    unit_rows: int = Field(1024, ge=1, description="Input rows per read task at most: a task never spans two row "
-                           "groups, and a big group is split, so the engine pool gets many blocks to share.")
+    unit_rows: int = Field(1024, ge=1, description="Rows per block to the engine pools at most (a unit of the plan), "
+                           "so a pool gets many blocks to share; the units of a row group are read in one pass.")
     max_units: int = Field(20_000, ge=1, description="Units a run plans at most: past max_units x unit_rows rows, "
-                           "units grow instead, since each one holds ~15 KB of Ray Data state on the driver "
+                           "units grow instead, since each one holds ~0.8 KB of Ray Data state on the driver "
                            "(a row group, or a gap between committed ranges, is always at least one unit).")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict,
                                           description="Extra vLLM engine arguments (AsyncEngineArgs keywords).")
