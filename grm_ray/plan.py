@@ -43,6 +43,7 @@ INPUT_PREFIX = "input_"  # an input column named like an output column is kept u
 RECORD_KEY = b"grm_ray.rows"  # Parquet key-value metadata of a part: {file key: [[start, stop], ...]}
 FINGERPRINT_KEY = b"grm_ray.inputs"  # {file key: fingerprint} of the files a part holds rows of
 LEASE_FILE = "_lease.json"
+UNREADABLE = "unreadable"  # the holder id of a lease file that is not one (empty, cut short)
 T = TypeVar("T")
 
 
@@ -569,10 +570,10 @@ class Lease:
                 if not why:
                     expiry = holder.get("expiry", self.expiry)
                     left = max(0.0, expiry - (time.time() - holder.get("heartbeat", 0)))
-                    raise LeaseHeld(f"output {storage.uri(self.fs, posixpath.dirname(self.path))} is being written by "
-                                   f"another job: {self.describe(holder)}; wait for it to finish, or if it is dead, "
-                                   f"rerun after its lease expires ({expiry:.0f}s without a heartbeat: {left:.0f}s "
-                                   "from now at the earliest)")
+                    raise LeaseHeld(f"output {storage.uri(self.fs, posixpath.dirname(self.path))} is being written "
+                                    f"by another job: {self.describe(holder)}; wait for it to finish, or if it is "
+                                    f"dead, rerun after its lease expires ({expiry:.0f}s without a heartbeat: "
+                                    f"{left:.0f}s from now at the earliest)")
                 log.warning("taking over the output lease of %s: %s", self.describe(holder), why)
             self._write(etag, create=holder is None)
         self._thread = threading.Thread(target=self._beat, name="grm-ray-lease", daemon=True)
@@ -647,7 +648,7 @@ class Lease:
                 if holder and holder.get("id") == self.owner["id"]:
                     return  # ... unless a retried request had already written ours (a dropped response)
                 raise LeaseHeld(f"another job took the output lease first: "
-                               f"{self.describe(holder) if holder else e}") from None
+                                f"{self.describe(holder) if holder else e}") from None
         else:
             with storage.naming(self.fs, self.path, "write"):
                 tmp = f"{self.path}.tmp-{self.owner['id']}"
@@ -671,9 +672,6 @@ class Lease:
                 finally:
                     fcntl.flock(fh, fcntl.LOCK_UN)
         return lock()
-
-
-UNREADABLE = "unreadable"
 
 
 def _alive(pid: int | None, started: float | None) -> bool:
