@@ -363,7 +363,7 @@ class Plan:
     skipped_rows: int               # already committed by an earlier run
     rescore: list[str]              # keys of changed files whose committed rows are to be dropped first
     orphans: dict[str, int]         # committed rows of files the input no longer lists
-    unit_rows: int = 1024           # the rows of a unit: cfg.unit_rows, or more past cfg.max_units
+    unit_rows: int                  # the rows of a unit: cfg.unit_rows, or more past cfg.max_units
 
     @property
     def total_rows(self) -> int:

@@ -149,7 +149,7 @@ def list_inputs(uri_: str, endpoint_url: str | None = None, exclude: str | None 
             return fs, posixpath.dirname(path), [fs.info(path)]
         else:
             raise FileNotFoundError(f"input {uri_} does not exist")
-    found = _follow_links(fs, found, {os.path.realpath(root)} if _is_local(fs) else set())
+    found = _follow_links(fs, found, {os.path.realpath(root)})  # only a local listing holds links
     skip = None
     if exclude:
         other, skip = filesystem(exclude, endpoint_url)
@@ -182,10 +182,6 @@ def _follow_links(fs: fsspec.AbstractFileSystem, found: list[dict[str, Any]], se
             st = os.stat(name)
             out.append({**info, "type": "file", "size": st.st_size, "mtime": st.st_mtime})
     return out
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _parents(found: list[dict[str, Any]]) -> set[str]:
