@@ -48,6 +48,9 @@ def _vllm():
     return vllm
 
 
+UPSTREAM = "the OpenAI-compatible server"  # how every RequestFailed message starts (serve answers those 502)
+
+
 class RequestFailed(RuntimeError):
     """A server request that failed for good (after retries): the item gets this as its row error."""
 
@@ -96,6 +99,19 @@ def take_parent_priority() -> int:
     except OSError:  # not permitted, or the parent is gone: Ray's setting stands
         pass
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+async def gather_all(aws: Any) -> list[Any]:
+    """asyncio.gather that cancels the rest on the first failure, then re-raises it: a failed batch or
+    request leaves none of its siblings generating in the engine (plain gather lets them run on)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class _Loop:
@@ -192,7 +208,7 @@ class _Engine(_Loop):
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: Any) -> list[Any]:
         """Blocking: vLLM's raw RequestOutputs of token-id prompts, all in flight at once (tests, bench/)."""
         async def run() -> list[Any]:
-            return list(await asyncio.gather(*(self._generate(p, params) for p in prompt_ids)))
+            return await gather_all(self._generate(p, params) for p in prompt_ids)
 
         return self._wait(run())
 
@@ -301,7 +317,7 @@ class GRMEngine(_Engine):
                            if self.cfg.structured else None)
             for n, r, seed in zip(ns, n_responses, seeds)
         ]
-        outs = await asyncio.gather(*(self._generate(p, sp) for p, sp in zip(prompt_ids, params)))
+        outs = await gather_all(self._generate(p, sp) for p, sp in zip(prompt_ids, params))
         result = [[_generation(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
         failed = sum(g.finish_reason == "error" for gens in result for g in gens)
         if failed:  # e.g. a structured-output grammar that did not compile within VLLM_REGEX_COMPILATION_TIMEOUT_S
@@ -324,7 +340,7 @@ class GRMEngine(_Engine):
                                  structured_outputs=StructuredOutputsParams(regex=parsing.repair_regex(n_responses[i])))
                   for i in todo]
         result = [Generation("", 0, "length") for _ in prefix_ids]
-        outs = await asyncio.gather(*(self._generate(prefix_ids[i], sp) for i, sp in zip(todo, params)))
+        outs = await gather_all(self._generate(prefix_ids[i], sp) for i, sp in zip(todo, params))
         for i, o in zip(todo, outs):
             result[i] = _generation(o.outputs[0])
         return result
@@ -396,7 +412,7 @@ class MetaEngine(_Engine):
         result = [math.nan] * len(ids)
         if self.mode == "classifier":
             params = PoolingParams(task="classify")
-            outs = await asyncio.gather(*(self._request(self.llm.encode(
+            outs = await gather_all((self._request(self.llm.encode(
                 TokensPrompt(prompt_token_ids=ids[i]), params, request_id=f"grm-ray-{next(self._ids)}"))
                 for i in fits))
             for i, o in zip(fits, outs):
@@ -404,7 +420,7 @@ class MetaEngine(_Engine):
         else:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[self.yes_id, self.no_id],
                                     **_final_only())
-            outs = await asyncio.gather(*(self._generate(ids[i], params) for i in fits))
+            outs = await gather_all(self._generate(ids[i], params) for i in fits)
             for i, o in zip(fits, outs):
                 lp = o.outputs[0].logprobs[0]
                 result[i] = lp[self.yes_id].logprob - lp[self.no_id].logprob
@@ -484,9 +500,9 @@ class OpenAIEngine(_Loop):
         try:
             return await self._on_loop(create())
         except openai.APIStatusError as e:  # the server's own message; never the request's headers
-            raise RequestFailed(f"the OpenAI-compatible server answered {e.status_code}: {e.message}") from None
+            raise RequestFailed(f"{UPSTREAM} answered {e.status_code}: {e.message}") from None
         except openai.APIError as e:
-            raise RequestFailed(f"the OpenAI-compatible server could not be reached: {type(e).__name__}") from None
+            raise RequestFailed(f"{UPSTREAM} could not be reached: {type(e).__name__}") from None
 
     def _generation(self, choice: Any) -> Generation:
         ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
@@ -511,7 +527,7 @@ class OpenAIEngine(_Loop):
                                        max_tokens=self.cfg.max_tokens, seed=seed, extra_body=extra)
             return [self._generation(c) for c in sorted(out.choices, key=lambda c: c.index)]
 
-        return list(await asyncio.gather(*(one(*a) for a in zip(prompt_ids, ns, n_responses, seeds))))
+        return await gather_all(one(*a) for a in zip(prompt_ids, ns, n_responses, seeds))
 
     async def arepair(self, prefix_ids: Sequence[Sequence[int]], n_responses: Sequence[int]) -> list[Generation]:
         """As GRMEngine.arepair, over HTTP (greedy, forced to the repair regex)."""
@@ -522,7 +538,7 @@ class OpenAIEngine(_Loop):
                                        extra_body={"structured_outputs": {"regex": parsing.repair_regex(r)}})
             return self._generation(out.choices[0])
 
-        return list(await asyncio.gather(*(one(p, r) for p, r in zip(prefix_ids, n_responses))))
+        return await gather_all(one(p, r) for p, r in zip(prefix_ids, n_responses))
 
 
 class OpenAIJudge(OpenAIEngine):
@@ -548,7 +564,7 @@ class OpenAIJudge(OpenAIEngine):
             yes, no = (top.get(f"token_id:{t}", top.get(self.tokenizer.decode([t]))) for t in (self.yes_id, self.no_id))
             return yes_minus_no(yes, no, top.values())
 
-        result = list(await asyncio.gather(*(one(p) for p in ids)))
+        result = await gather_all(one(p) for p in ids)
         if any(math.isnan(x) for x in result):
             log.warning("judge: %d of %d items got no yes/no logprobs (too long, or not offered by the server)",
                         sum(math.isnan(x) for x in result), len(result))

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import prompts, voting
 from .config import JobConfig
-from .engines import RequestFailed
+from .engines import RequestFailed, gather_all
 from .parsing import parse_scores
 from .reuse import content_key, options_digest
 from .schema import (CONTENT_KEY, ERROR, ID, LABEL, MESSAGES, NORMALIZED, RESPONSES, SAMPLED, SAMPLES,
@@ -167,7 +167,7 @@ class GRMSampler:
     async def acall(self, rows: list[Row]) -> list[Row]:
         """One output per row, in order; every item runs on its own, so the engine never waits on a batch."""
         out: list[Row] = [{SAMPLES: None, ERROR: r[ERROR]} for r in rows]
-        await asyncio.gather(*(self._item(r, o) for r, o in zip(rows, out) if r[ERROR] is None))
+        await gather_all(self._item(r, o) for r, o in zip(rows, out) if r[ERROR] is None)
         return out
 
     async def _item(self, row: Row, out: Row) -> None:
@@ -253,7 +253,9 @@ class GRMSampler:
                 shown = parse_scores(g.text, n)
                 # a sample cut at max_tokens counts only if its text ends in the box: else the box is one the
                 # critique quoted (say a response's own \boxed{42}) before its Scores line was reached
-                if g.finish_reason == "length" and (shown is None or not g.text.rstrip().endswith("}")):
+                if g.finish_reason not in ("stop", "length"):  # aborted by the engine ("abort", "error"): no vote
+                    pass
+                elif g.finish_reason == "length" and (shown is None or not g.text.rstrip().endswith("}")):
                     repairs.append((s, list(prompt_ids) + list(g.token_ids)))  # continued from its own tokens
                 elif shown is not None:
                     s.update(scores=voting.unshuffle(shown, order), valid=True)
@@ -264,8 +266,8 @@ class GRMSampler:
                 s["text"] += tail.text
                 s["n_tokens"] += tail.n_tokens
                 s["repaired"] = True
-                shown = parse_scores(s["text"], n)
-                if shown is not None:
+                shown = parse_scores(tail.text, n)  # the repair's own box: a failed repair never falls back
+                if shown is not None:               # on a box the cut critique had quoted
                     s.update(scores=voting.unshuffle(shown, s["order"]), valid=True)
 
     def _done(self, item: Row, drawn: int, rounds: int) -> bool:
@@ -302,7 +304,7 @@ class MetaScorer:
 
     async def acall(self, rows: list[Row]) -> list[Row]:
         """Each row's valid samples go to the engine as soon as the row is reached; rows do not wait on each other."""
-        await asyncio.gather(*(self._row(r) for r in rows if r[ERROR] is None and r[SAMPLES]))
+        await gather_all(self._row(r) for r in rows if r[ERROR] is None and r[SAMPLES])
         return [{SAMPLES: r[SAMPLES]} for r in rows]
 
     async def _row(self, row: Row) -> None:

@@ -468,6 +468,64 @@ def test_failed_repair_stays_invalid_but_marked():
     assert all(s["text"].endswith("I cannot decide") for s in bad)
 
 
+def test_a_failed_repair_never_falls_back_on_a_box_the_critique_quoted():
+    """The repair brought no box (aborted, no room left, a server without structured outputs): the sample
+    stays invalid; the cut critique's quoted box (a response's own \\boxed{1, 10}) must not vote."""
+    quoted = "Specific Criteria: math.\nAnalysis: Response 2 writes \\boxed{1, 10} as its answer, which"
+    for repair in ("", "\nScores: I cannot decide"):
+        engine = FakeGRM(cut=lambda p, j: True, cut_text=quoted, repair_text=repair or None)
+        if not repair:
+            async def no_room(prefix_ids, n_responses):
+                return [Generation("", 0, "length") for _ in prefix_ids]
+            engine.arepair = no_room
+        out = GRMSampler(cfg(k=2), engine)([item("r", ["GOOD", "bad"])])[0][S.SAMPLES]
+        assert len(out) == 2 and all(s["repaired"] and not s["valid"] and s["scores"] is None for s in out)
+
+
+def test_a_sample_the_engine_aborted_never_votes():
+    """finish_reason "abort" / "error" (vLLM aborted it): unparsed and not repaired, whatever box it holds."""
+    class Aborts(FakeGRM):
+        async def asample(self, prompt_ids, ns, n_responses, seeds=None):
+            gens = await super().asample(prompt_ids, ns, n_responses, seeds)
+            return [[Generation(g.text, g.n_tokens, "abort" if i % 2 else "error", g.token_ids)
+                     for i, g in enumerate(gs)] for gs in gens]
+
+    engine, rows = Aborts(), [item("r", ["GOOD", "bad"])]
+    [row] = Vote(cfg(k=4))([{**r, **o} for r, o in zip(rows, GRMSampler(cfg(k=4), engine)(rows))])
+    assert not engine.repairs and len(row[S.SAMPLES]) == 4
+    assert not any(s["valid"] for s in row[S.SAMPLES]) and row[S.ERROR].startswith("no valid sample")
+
+
+def test_an_item_that_fails_cancels_its_batch_siblings_in_the_engine():
+    """One item raises: the batch fails at once, and the other items' requests are cancelled (vLLM aborts
+    them), so a failed batch leaves nothing generating beside the batches that take its slot."""
+    class Fails(FakeGRM):
+        def __init__(self):
+            super().__init__()
+            self.live = 0
+
+        async def asample(self, prompt_ids, ns, n_responses, seeds=None):
+            if any("BOOM" in "".join(p) for p in prompt_ids):
+                await asyncio.sleep(0.01)
+                raise ValueError("engine refused the request")
+            self.live += 1
+            try:
+                await asyncio.sleep(5)
+                return await super().asample(prompt_ids, ns, n_responses, seeds)
+            finally:
+                self.live -= 1
+
+    engine = Fails()
+
+    async def run():
+        with pytest.raises(ValueError, match="engine refused"):
+            await GRMSampler(cfg(k=2), engine).acall([item("a", ["x", "y"]), item("b", ["BOOM", "y"]),
+                                                       item("c", ["x", "z"])])
+        return engine.live
+
+    assert asyncio.run(asyncio.wait_for(run(), 3)) == 0
+
+
 def test_unparseable_sample_that_stopped_normally_is_not_repaired():
     class NoBox(FakeGRM):
         async def asample(self, prompt_ids, ns, n_responses, seeds=None):
