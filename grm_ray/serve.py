@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .config import ConfigError, JobConfig, load_config
+from .engines import UPSTREAM
 from .schema import ERROR, ID, LABEL, RESPONSES, SAMPLES, SOURCE, VOTED, RowError, normalize
 from .stages import GRMSampler, MetaScorer, Vote
 
@@ -241,8 +242,9 @@ class Ingress:
             log.exception("scoring failed")
             return JSONResponse({"error": f"scoring failed on the server ({type(e).__name__}); see its log"},
                                 status_code=500)
-        if voted[SAMPLES] is None and voted[ERROR]:  # refused before sampling, e.g. a prompt too long
-            return JSONResponse({"error": voted[ERROR]}, status_code=400)
+        if voted[SAMPLES] is None and voted[ERROR]:  # refused before sampling (a prompt too long), or the
+            bad_gateway = voted[ERROR].startswith(UPSTREAM)  # GRM server failed: not the client's fault
+            return JSONResponse({"error": voted[ERROR]}, status_code=502 if bad_gateway else 400)
         return JSONResponse(result_json(req, voted))
 
     async def _score(self, req: ScoreRequest) -> dict[str, Any]:
