@@ -125,7 +125,8 @@ def report(date: str, cfg: JobConfig, status: str, summary: dict[str, Any] | Non
         "samples_per_item": round(s.get("samples", 0) / sampled, 3) if sampled else 0.0,
         "wall_seconds": s.get("wall_seconds", round(time.time() - started, 2) if started else None),
         "bad_files": s.get("bad_files", {}), "error": error,
-        "model": cfg.model, "meta_mode": cfg.meta_mode, "meta_model": cfg.meta_model, "k": cfg.k,
+        "model": cfg.model, "meta_mode": cfg.meta_mode,
+        "meta_model": cfg.meta_model if cfg.meta_mode != "none" else None, "k": cfg.k,
         "k_meta": cfg.voting_k_meta, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
