@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from typing import Any, Sequence
 
 Message = dict[str, str]
@@ -129,12 +130,41 @@ def judge_prompt(conversation: Conversation, responses: Sequence[str], sample_te
     return _JUDGE_TEMPLATE.format(body=body, critique=sample_text)
 
 
+_TOKENISH = re.compile(r"<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")  # how special tokens are spelled: <eos>, [INST]
+
+
+@functools.lru_cache(maxsize=8)
+def _specials(tokenizer: Any) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The tokenizer's special tokens, and those of them not spelled like _TOKENISH (checked one by one)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found = {t.content for t in decoder.values() if getattr(t, "special", False)}
+    found |= set(getattr(tokenizer, "all_special_tokens", None) or [])
+    found = {t for t in found if len(t) > 1}
+    return frozenset(found), tuple(t for t in found if not _TOKENISH.fullmatch(t))
+
+
+def defuse(tokenizer: Any, text: str) -> str:
+    """Data that spells one of the tokenizer's special tokens (a template's `<end_of_turn>`, `</s>`) stays
+    text: a zero-width space after its first character keeps the tokenizer from reading it as the control
+    token, so a response cannot close the GRM's turn and open one of its own. Other text is unchanged."""
+    special, odd = _specials(tokenizer) if tokenizer is not None else (frozenset(), ())
+    if not special:
+        return text
+    cut = lambda t: t[0] + "\u200b" + t[1:]  # noqa: E731
+    text = _TOKENISH.sub(lambda m: cut(m.group()) if m.group() in special else m.group(), text)
+    for t in odd:
+        text = text.replace(t, cut(t))
+    return text
+
+
 def apply_chat_template(tokenizer: Any, messages: list[Message], fallback: str = "plain",
                         add_generation_prompt: bool = True) -> str:
     """Render messages with the tokenizer's own chat template, or a stated fallback when it has none.
 
-    fallback "plain": turns joined as text; "gemma": Gemma's <start_of_turn> markers.
+    fallback "plain": turns joined as text; "gemma": Gemma's <start_of_turn> markers. The messages' text is
+    defused first: only the template makes control tokens.
     """
+    messages = [{**m, "content": defuse(tokenizer, m["content"])} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if fallback == "gemma":
