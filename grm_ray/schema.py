@@ -97,6 +97,9 @@ def _text(value: Any, field: str, allow_empty: bool = False) -> str:
 
 
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
+    if isinstance(value, (str, bytes)) and field == MESSAGES:  # say a JSON string: never scored as the query
+        raise RowError(f"field '{field}' must be a list of {{role, content}} messages, got a string "
+                       "(plain text goes in 'prompt')")
     if isinstance(value, (str, bytes)) or value is None:
         return [{"role": "user", "content": _text(value, field)}]
     if not isinstance(value, (list, tuple)) or not value:
@@ -113,9 +116,13 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
             raise RowError(f"field '{field}[{i}].role' is {role!r}; expected system, user or assistant")
         # a user turn must say something (as a plain prompt must); an empty system or assistant turn may stand
         out.append({"role": role, "content": _text(m["content"], f"{field}[{i}].content", allow_empty=role != "user")})
-    if out[-1]["role"] != "user":
-        raise RowError(f"field '{field}' must end with a user turn (the query); it ends with {out[-1]['role']}")
-    return out
+    return _ends_with_query(out, field)
+
+
+def _ends_with_query(turns: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+    if turns[-1]["role"] != "user":
+        raise RowError(f"field '{field}' must end with a user turn (the query); it ends with {turns[-1]['role']}")
+    return turns
 
 
 def _whole(value: Any) -> Any:
@@ -129,6 +136,8 @@ def id_text(value: Any) -> str | None:
     """An input `id` as the output's string: an int, or a whole float (pandas), as its decimal text, as
     Arrow's cast writes it (plan's duplicate-id pass reads ids that way); NaN or null: no id."""
     value = _whole(value)
+    if isinstance(value, bool):  # as Arrow casts it: "true"
+        return str(value).lower()
     return None if value is None else str(value)
 
 
@@ -223,7 +232,12 @@ def _hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], list[str]]:
             "fields 'chosen' and 'rejected' do not share the conversation before their last '\\n\\nAssistant:' "
             f"turn: they differ at character {at} (...{conv[max(0, at - 20):at + 30]!r} vs "
             f"...{conv_r[max(0, at - 20):at + 30]!r}), so there is no one prompt the two responses answer")
-    return parse_transcript(conv, "chosen"), [good, bad]
+    turns = parse_transcript(conv, "chosen")  # may end with an assistant turn (consecutive ones in HH-RLHF)
+    query = [t["content"] for t in turns if t["role"] == "user"]
+    if not query or not query[-1].strip():
+        raise RowError(f"field 'chosen' has {'an empty' if query else 'no'} Human turn before its last assistant "
+                       "turn: no query to score against")
+    return turns, [good, bad]
 
 
 def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, Any]:
@@ -234,8 +248,9 @@ def normalize(row: dict[str, Any], fmt: str, max_responses: int) -> dict[str, An
     """
     label = None
     if fmt == "responses":
-        messages = _messages(row.get(MESSAGES) if row.get(MESSAGES) is not None else row.get("prompt"),
-                             MESSAGES if row.get(MESSAGES) is not None else "prompt")
+        # messages wins; a null one falls back on prompt, and the error names the column the file has
+        field = MESSAGES if row.get(MESSAGES) is not None or ("prompt" not in row and MESSAGES in row) else "prompt"
+        messages = _messages(row.get(field), field)
         raw = row.get(RESPONSES)
         if raw is None or isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)):
             raise RowError(f"field 'responses' must be a list of strings, got "

@@ -65,6 +65,7 @@ def test_a_whole_float_label_is_read_as_an_integer_and_nan_as_no_label():
     assert normalize({"prompt": "q", "responses": ["a"], "label": True}, "responses", 16)["label"] == 1
     # ids as pandas writes them: as Arrow's cast (the duplicate-id pass) writes them
     assert (id_text(1.0), id_text(7), id_text(float("nan")), id_text("x1")) == ("1", "7", None, "x1")
+    assert (id_text(True), id_text(False)) == ("true", "false")  # as Arrow casts bools (the duplicate-id pass)
 
 
 def test_messages_and_responses_keep_every_turn():
@@ -342,3 +343,20 @@ def test_output_columns_match_the_design():
     assert types["meta_score"] == pa.float64() and types["kept"] == pa.bool_()
     # each column appears once
     assert len(fields) == len(S.OUTPUT_FIELDS)
+
+
+def test_an_hh_conversation_without_a_query_is_a_row_error():
+    """Scored against no query at all, such a row would still get a confident-looking label."""
+    for conv in (hh(("user", "")), hh(("user", "  ")), hh(("assistant", "Hello!")),
+                 hh(("user", "hi"), ("assistant", "yo"), ("user", ""))):
+        msg = _error({"chosen": conv + "\n\nAssistant: a", "rejected": conv + "\n\nAssistant: b"}, "hh")
+        assert "field 'chosen'" in msg and "no query" in msg
+
+
+def test_messages_must_be_a_list_and_a_null_one_names_the_column_the_file_has():
+    msg = _error({"messages": '[{"role": "user", "content": "hi"}]', "responses": ["a", "b"]})
+    assert "field 'messages' must be a list" in msg and "'prompt'" in msg  # a JSON string is not the query
+    assert _error({"messages": None, "responses": ["a", "b"]}) == "field 'messages' is null"
+    assert "field 'prompt'" in _error({"messages": None, "prompt": None, "responses": ["a", "b"]})
+    out = normalize({"messages": None, "prompt": "hi", "responses": ["a"]}, "responses", 16)
+    assert out["messages"] == [{"role": "user", "content": "hi"}]
