@@ -181,6 +181,8 @@ def _follow_links(fs: fsspec.AbstractFileSystem, found: list[dict[str, Any]], se
         elif os.path.isfile(name):
             st = os.stat(name)
             out.append({**info, "type": "file", "size": st.st_size, "mtime": st.st_mtime})
+        elif not os.path.exists(name):
+            log.warning("input link %s points to %s, which does not exist: skipped", name, os.readlink(name))
     return out
 
 

@@ -70,17 +70,22 @@ def test_a_file_reached_by_several_glob_matches_is_listed_once(tmp_path):
         assert names == sorted(set(names)) and set(names) >= {"dt=1/a.parquet", "dt=2/x/b.parquet"}, pattern
 
 
-def test_symlinked_files_and_directories_are_read_as_the_input_holds_them(tmp_path):
-    """fsspec lists a symlink as type 'other' and does not descend: a directory input lost their rows."""
+def test_symlinked_files_and_directories_are_read_as_the_input_holds_them(tmp_path, caplog):
+    """fsspec lists a symlink as type 'other' and does not descend: a directory input lost their rows.
+    A dangling link holds no rows, and is named in a warning."""
     write(tmp_path / "in" / "a.parquet", 3)
     write(tmp_path / "store" / "b.parquet", 5)
     write(tmp_path / "store" / "sub" / "c.parquet", 2)
     os.symlink(tmp_path / "store" / "b.parquet", tmp_path / "in" / "b.parquet")
     os.symlink(tmp_path / "store" / "sub", tmp_path / "in" / "linked")
     os.symlink(tmp_path / "in", tmp_path / "in" / "loop")  # a cycle is read once
+    os.symlink(tmp_path / "store" / "gone.parquet", tmp_path / "in" / "gone.parquet")
     for spelling in ("in", "in/**"):
-        files = plan.scan_inputs(cfg_for(tmp_path / spelling, tmp_path / "out")).files
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="grm_ray.storage"):
+            files = plan.scan_inputs(cfg_for(tmp_path / spelling, tmp_path / "out")).files
         assert [(f.key, f.rows) for f in files] == [("a.parquet", 3), ("b.parquet", 5), ("linked/c.parquet", 2)]
+        assert "gone.parquet, which does not exist: skipped" in caplog.text
 
 
 def test_an_output_inside_its_input_is_not_read_back_as_input(tmp_path):
