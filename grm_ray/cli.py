@@ -422,12 +422,13 @@ def _serve(config: Optional[Path] = None, host: str = "127.0.0.1", port: int = 8
            token: Optional[str] = None, detach: bool = False, **options: Any) -> None:
     """Serve POST /score on Ray Serve: the same sampler, meta scorer and voting, autoscaling replicas."""
     _setup_logging()
+    from .pipeline import JobError
     from .serve import serve_command
 
     try:
         code = serve_command(str(config) if config else None, host=host, port=port, token=token,
                              detach=detach, **options)
-    except ConfigError as e:
+    except (ConfigError, JobError, FileNotFoundError) as e:  # said before Ray starts (check_local_setup)
         raise _fail(str(e)) from None
     raise typer.Exit(code)
 

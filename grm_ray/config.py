@@ -117,7 +117,7 @@ class JobConfig(BaseModel):
     reuse: Optional[str] = Field(None, description="Previous output: rows whose item and result-changing options "
                                  "are unchanged take its labels (reused=true); only the rest are scored.")
     retry_errors: bool = Field(False, description="On a rerun, rescore rows committed with an engine-side error "
-                               "(no valid sample, prompt too long); input errors stay.")
+                               "(no valid sample, prompt too long, a request the GRM server refused); input errors stay.")
     ray_address: Optional[str] = Field(None, description="Ray cluster to join; default a local Ray.")
     s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
     verbose: bool = Field(False, description="Show Ray / vLLM start-up logs and warnings on the console too "

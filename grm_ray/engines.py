@@ -52,7 +52,45 @@ UPSTREAM = "the OpenAI-compatible server"  # how every RequestFailed message sta
 
 
 class RequestFailed(RuntimeError):
-    """A server request that failed for good (after retries): the item gets this as its row error."""
+    """The server refused one request on its merits (400, 413, 422): that item gets this as its row error."""
+
+
+class ServerFailed(RuntimeError):
+    """The OpenAI-compatible server itself cannot serve (unreachable, the key refused, the model not served,
+    still failing after its retries): the job stops, its committed parts kept, and a rerun resumes; serve
+    answers 502. Never a row error: a down server would otherwise label every row as failed, and `complete`."""
+
+
+REQUEST_STATUSES = (400, 413, 422)  # a request's own fault; any other answer is the server's
+
+
+def served_context(cfg: JobConfig, model: str | None = None) -> int | None:
+    """Check that the server at cfg.base_url answers with this key and serves `model` (cfg.model): one
+    ServerFailed naming what is wrong, before any row is sent. Returns the model's context length when the
+    server lists it (vLLM), else None (other servers: set max_model_len)."""
+    import httpx
+
+    model, base = model or cfg.model, cfg.base_url.rstrip("/")
+    key = (os.environ.get(cfg.api_key_env) if cfg.api_key_env else None) or "none"
+    try:
+        r = httpx.get(base + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    except httpx.HTTPError as e:
+        raise ServerFailed(f"{UPSTREAM} at {base} could not be reached ({type(e).__name__}): is it running, "
+                           "and is --base-url right?") from None
+    if r.status_code in (401, 403):
+        raise ServerFailed(f"{UPSTREAM} at {base} answered {r.status_code}: it refused the key "
+                           f"({'$' + cfg.api_key_env if cfg.api_key_env else 'none given: set --api-key-env'})")
+    if r.status_code == 404 and cfg.max_model_len:  # a server without a model list; its answers will tell
+        return None
+    if r.status_code != 200:
+        raise ServerFailed(f"{UPSTREAM} at {base} answered {r.status_code} to GET /models")
+    listed = r.json().get("data", [])
+    found = next((m for m in listed if m.get("id") == model), None)
+    if found is None:
+        raise ServerFailed(f"{UPSTREAM} at {base} does not serve model {model!r} (it serves: "
+                           f"{', '.join(str(m.get('id')) for m in listed) or 'none'}): --model, and --meta-model "
+                           "for the judge, must be served names")
+    return int(found["max_model_len"]) if found.get("max_model_len") else None
 
 
 @dataclass
@@ -464,7 +502,11 @@ class OpenAIEngine(_Loop):
         self._add_special = not getattr(self.tokenizer, "chat_template", None)
         self._limit = asyncio.Semaphore(cfg.openai_max_concurrency)  # used on the private loop only
         self._start_loop()
-        self.max_model_len = cfg.max_model_len or self._served_max_model_len()
+        served = served_context(cfg, self.model)
+        self.max_model_len = cfg.max_model_len or served
+        if not self.max_model_len:
+            raise ValueError(f"the server at {cfg.base_url} does not say the context length of {cfg.model!r}: "
+                             "set max_model_len")
         self.repair_reserve = repair_tokens(cfg.max_responses)
         self.max_prompt_tokens = self.max_model_len - cfg.max_tokens - self.repair_reserve
         if self.max_prompt_tokens < 1:
@@ -474,19 +516,6 @@ class OpenAIEngine(_Loop):
     render = _Engine.render
     encode = _Engine.encode
     count_tokens = _Engine.count_tokens
-
-    def _served_max_model_len(self) -> int:
-        """vLLM lists each model's context length in /v1/models; other servers need cfg.max_model_len."""
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.client.api_key}"}
-        r = httpx.get(self.cfg.base_url.rstrip("/") + "/models", headers=headers, timeout=30)
-        r.raise_for_status()
-        for m in r.json().get("data", []):
-            if m.get("id") == self.model and m.get("max_model_len"):
-                return int(m["max_model_len"])
-        raise ValueError(f"the server at {self.cfg.base_url} does not say the context length of {self.cfg.model!r}: "
-                         "set max_model_len (and check that model names the served model)")
 
     async def _complete(self, prompt_ids: Sequence[int], **params: Any) -> Any:
         import openai
@@ -500,9 +529,11 @@ class OpenAIEngine(_Loop):
         try:
             return await self._on_loop(create())
         except openai.APIStatusError as e:  # the server's own message; never the request's headers
-            raise RequestFailed(f"{UPSTREAM} answered {e.status_code}: {e.message}") from None
+            failed = RequestFailed if e.status_code in REQUEST_STATUSES else ServerFailed
+            raise failed(f"{UPSTREAM} at {self.cfg.base_url} answered {e.status_code}: {e.message}") from None
         except openai.APIError as e:
-            raise RequestFailed(f"{UPSTREAM} could not be reached: {type(e).__name__}") from None
+            raise ServerFailed(f"{UPSTREAM} at {self.cfg.base_url} could not be reached ({type(e).__name__}), "
+                               f"after {self.cfg.openai_retries} retries") from None
 
     def _generation(self, choice: Any) -> Generation:
         ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
@@ -558,8 +589,12 @@ class OpenAIJudge(OpenAIEngine):
         async def one(p: list[int]) -> float:
             if len(p) > self.max_model_len - 1:
                 return math.nan
-            out = await self._complete(p, max_tokens=1, temperature=0.0, logprobs=20, extra_body={
-                "logprob_token_ids": [self.yes_id, self.no_id], "return_tokens_as_token_ids": True})
+            try:
+                out = await self._complete(p, max_tokens=1, temperature=0.0, logprobs=20, extra_body={
+                    "logprob_token_ids": [self.yes_id, self.no_id], "return_tokens_as_token_ids": True})
+            except RequestFailed as e:  # refused on its merits: unrated (ranks last), as a too-long item is
+                log.warning("judge: %s", e)
+                return math.nan
             top = (out.choices[0].logprobs.top_logprobs or [{}])[0]
             yes, no = (top.get(f"token_id:{t}", top.get(self.tokenizer.decode([t]))) for t in (self.yes_id, self.no_id))
             return yes_minus_no(yes, no, top.values())

@@ -371,13 +371,23 @@ def engine_gpus(cfg: JobConfig) -> float:
 def check_local_setup(cfg: JobConfig) -> None:
     """What a local run's actors would fail on after Ray starts, said in one line before: a model given as a
     local path ('/models/grm', './grm', '~/grm') that is not there (else the hub's 'Repo id must use
-    alphanumeric chars'), and an unset --api-key-env. On a cluster both may exist on the worker nodes only:
+    alphanumeric chars'), an unset --api-key-env, and an OpenAI-compatible server that cannot serve (not
+    running, the key refused, the model not served). On a cluster all may exist for the worker nodes only:
     not checked there."""
     if on_cluster(cfg):
         return
     if cfg.engine == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise JobError(f"--api-key-env names {cfg.api_key_env}, but that environment variable is not set "
                        "(export it before running)")
+    if cfg.engine == "openai":
+        from .engines import ServerFailed, served_context
+
+        judge = cfg.meta_mode == "judge" and (cfg.meta_model or cfg.model) != cfg.model
+        try:
+            for model in [cfg.model] + ([cfg.meta_model] if judge else []):
+                served_context(cfg, model)
+        except ServerFailed as e:
+            raise JobError(str(e)) from None
     meta = cfg.meta_model if cfg.meta_mode != "none" else None
     for option, model in (("--model", cfg.model), ("--meta-model", meta)):
         if model and model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):

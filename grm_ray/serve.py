@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .config import ConfigError, JobConfig, load_config
-from .engines import UPSTREAM
+from .engines import UPSTREAM, ServerFailed
 from .schema import ERROR, ID, LABEL, RESPONSES, SAMPLES, SOURCE, VOTED, RowError, normalize
 from .stages import GRMSampler, MetaScorer, Vote
 
@@ -239,6 +239,9 @@ class Ingress:
             return JSONResponse({"error": f"scoring took longer than {self.timeout_s:.0f} s; retry later or "
                                           "ask for a smaller k"}, status_code=504)
         except Exception as e:  # noqa: BLE001 - an engine failure is the server's fault: say so, keep serving
+            cause = getattr(e, "cause", e)  # through a deployment handle: a RayTaskError whose cause is ours
+            if isinstance(cause, ServerFailed):  # the GRM server is down or refuses us: a gateway error
+                return JSONResponse({"error": str(cause)}, status_code=502)
             log.exception("scoring failed")
             return JSONResponse({"error": f"scoring failed on the server ({type(e).__name__}); see its log"},
                                 status_code=500)
@@ -321,13 +324,14 @@ def serve_command(config: Optional[str] = None, host: str = "127.0.0.1", port: i
     cfg = load_config(config, **options)
     token = token or os.environ.get(TOKEN_ENV) or None
     print("grm-ray serve, resolved config:\n" + json.dumps(cfg.public(), indent=2), flush=True)
-    from .pipeline import init_ray, on_cluster
+    from .pipeline import check_local_setup, init_ray, on_cluster
 
     if not on_cluster(cfg):  # said before a local Ray starts, not in its tracebacks after
         if detach:
             raise ConfigError("--detach needs a running cluster (--ray-address or RAY_ADDRESS): a local Ray "
                               "stops with this process")
         _check_port(host, port)
+        check_local_setup(cfg)  # model paths, the key's variable, an OpenAI-compatible server that cannot serve
     local = init_ray(cfg)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(cfg, token, timeout_s=timeout_s), name=APP_NAME, route_prefix="/")

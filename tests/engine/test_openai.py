@@ -84,14 +84,23 @@ def test_openai_engine_samples_repairs_and_repeats(openai_server, tiny_config, c
     assert KEY not in caplog.text and KEY not in repr(out)
 
 
-def test_openai_wrong_key_is_a_row_error_without_the_key(openai_server, tiny_config, monkeypatch, caplog):
+def test_a_server_that_refuses_the_key_stops_the_batch_and_never_labels_a_row(openai_server, tiny_config,
+                                                                               monkeypatch, caplog):
+    """A refused key (or a server gone) is the server's failure, not the rows': at start one error naming it,
+    mid-run the batch fails (the job stops, a rerun resumes) instead of committing every row as an error."""
+    from grm_ray.engines import ServerFailed
+
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-7d1e")
     cfg = tiny_config(engine="openai", base_url=openai_server, api_key_env=KEY_ENV, k=2, max_tokens=8,
                       openai_retries=0)
-    out = GRMSampler(cfg)(rows()[:2])
-    assert all(r[S.SAMPLES] is None and "answered 401" in r[S.ERROR] for r in out), out
-    assert "sk-wrong-key-7d1e" not in caplog.text + repr(out)
+    stage = GRMSampler(cfg)  # the right key: the server checks out
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-7d1e")
+    with pytest.raises(ServerFailed, match="answered 401: it refused the key"):
+        GRMSampler(cfg)
+    stage.engine.client.api_key = "sk-wrong-key-7d1e"  # the key revoked mid-run
+    with pytest.raises(ServerFailed, match="answered 401"):
+        stage(rows()[:2])
+    assert "sk-wrong-key-7d1e" not in caplog.text
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ValueError, match=f"api_key_env names {KEY_ENV}, but"):
         GRMSampler(cfg)
