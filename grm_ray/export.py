@@ -81,6 +81,8 @@ def _undecided(row: dict[str, Any]) -> str | None:
         return "rows without a vote"
     if len(row[S.REWARDS]) < 2:
         return "single-response rows"
+    if any(smp.get("hinted") for smp in row.get(S.SAMPLES) or []):  # the vote would only repeat the label
+        return "hinted rows (--hint showed the GRM the label)"
     return "ties for the top" if row.get(S.TIE) else None
 
 
@@ -95,8 +97,8 @@ def export_dpo(table: pa.Table, min_margin: float = 0.0, fmt: str = "standard",
 
     `margin` = chosen_reward - rejected_reward, and min_margin compares THIS pair margin, not the table's
     `margin` column (best minus runner-up): it is the gap behind this pair's preference. For pairs the two
-    agree. Skipped: errors, rows without a valid sample, single responses, ties for the top, margin < min_margin,
-    pairs of two identical texts;
+    agree. Skipped: errors, rows without a valid sample, single responses, hinted rows, ties for the top,
+    margin < min_margin, pairs of two identical texts;
     `skipped` (when given) counts them by reason, for telling a user why an export is empty.
     """
     conv = _check(fmt)

@@ -31,20 +31,14 @@ def test_score_eval_plot_export(ray_local, tiny_cfg, cli_json, tiny_models, tmp_
     res = cli.invoke(app, ["eval", cfg.output, "--stability"])
     assert res.exit_code == 0 and "HINTED RUN: " in res.stdout and "Stability (winner of the first j" in res.stdout
 
-    from datasets import load_dataset
-
-    res = cli.invoke(app, ["export-dpo", cfg.output, str(tmp_path / "dpo")])
-    assert res.exit_code == 0, res.output
-    dpo = load_dataset("parquet", data_files=str(tmp_path / "dpo" / "data.parquet"), split="train")
-    assert {"prompt", "chosen", "rejected", "margin"} <= set(dpo.column_names)
-    decided = [r for r in scored.to_pylist() if r["error"] is None and not r["tie"]]
-    assert len(dpo) == len(decided)
-    for row in dpo:
-        assert row["chosen"] != row["rejected"] and row["margin"] >= 0
-
-    res = cli.invoke(app, ["export-dpo", cfg.output, str(tmp_path / "bon"), "--mode", "best-of-n"])
-    assert res.exit_code == 0, res.output
-    assert {"prompt", "completion"} <= set(pq.read_schema(tmp_path / "bon" / "data.parquet").names)
+    # a hinted run's votes repeat its labels: no DPO pair or best-of-n completion comes from it, and it is said
+    hinted = sum(r["error"] is None for r in scored.to_pylist())
+    for mode, cols in (("pairs", {"prompt", "chosen", "rejected", "margin"}), ("best-of-n", {"prompt", "completion"})):
+        res = cli.invoke(app, ["export-dpo", cfg.output, str(tmp_path / mode), "--mode", mode])
+        assert res.exit_code == 0, res.output
+        assert f"{hinted} hinted rows (--hint showed the GRM the label)" in res.output
+        assert pq.read_table(tmp_path / mode / "data.parquet").num_rows == 0
+        assert cols <= set(pq.read_schema(tmp_path / mode / "data.parquet").names)
 
     res = cli.invoke(app, ["export-rft", cfg.output, str(tmp_path / "rft")])
     assert res.exit_code == 0, res.output

@@ -67,6 +67,19 @@ def test_dpo_rows_and_skips():
     assert rows["r5"]["prompt"] == format_conversation(CHAT)
 
 
+def test_dpo_and_best_of_n_skip_rows_scored_with_the_label_as_a_hint():
+    """--hint shows the GRM the labelled best: its vote repeats the input label, not a judgement."""
+    from collections import Counter
+
+    table = scored([{"n": 2, "label": 1, "samples": [smp([2, 9], hinted=True)]},
+                    {"n": 2, "label": 1, "samples": [smp([2, 9])]}])
+    for mode in ("pairs", "best-of-n"):
+        skipped = Counter()
+        out = export_dpo(table, skipped=skipped) if mode == "pairs" else export_best_of_n(table, skipped=skipped)
+        assert out.column("id").to_pylist() == ["r1"]
+        assert skipped == {"hinted rows (--hint showed the GRM the label)": 1}
+
+
 def test_dpo_skips_a_pair_of_two_identical_texts():
     from collections import Counter
 
