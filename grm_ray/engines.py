@@ -48,7 +48,7 @@ def _vllm():
     return vllm
 
 
-UPSTREAM = "the OpenAI-compatible server"  # how every RequestFailed message starts (serve answers those 502)
+UPSTREAM = "the OpenAI-compatible server"  # how RequestFailed and ServerFailed messages start (serve: 502)
 
 
 class RequestFailed(RuntimeError):

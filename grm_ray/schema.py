@@ -116,13 +116,9 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
             raise RowError(f"field '{field}[{i}].role' is {role!r}; expected system, user or assistant")
         # a user turn must say something (as a plain prompt must); an empty system or assistant turn may stand
         out.append({"role": role, "content": _text(m["content"], f"{field}[{i}].content", allow_empty=role != "user")})
-    return _ends_with_query(out, field)
-
-
-def _ends_with_query(turns: list[dict[str, str]], field: str) -> list[dict[str, str]]:
-    if turns[-1]["role"] != "user":
-        raise RowError(f"field '{field}' must end with a user turn (the query); it ends with {turns[-1]['role']}")
-    return turns
+    if out[-1]["role"] != "user":
+        raise RowError(f"field '{field}' must end with a user turn (the query); it ends with {out[-1]['role']}")
+    return out
 
 
 def _whole(value: Any) -> Any:
