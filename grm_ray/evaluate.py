@@ -124,8 +124,13 @@ def reward_bench(subsets: dict[str, dict[str, Any]], key: str = "tie_break_accur
     return sections, score
 
 
-def _hinted(samples: Sequence[dict[str, Any]]) -> bool:
-    return any(s.get("hinted") for s in samples)
+def _hinted(row: dict[str, Any], run_hint: bool) -> bool:
+    """Sampled with the label in the prompt; in a --hint run (`run_hint`), also a labelled row of several
+    responses that failed before sampling (a prompt too long): it would have been, and must not count either."""
+    samples = row.get(S.SAMPLES) or []
+    if any(s.get("hinted") for s in samples):
+        return True
+    return run_hint and not samples and row.get(S.LABEL) is not None and len(row.get(S.RESPONSES) or []) > 1
 
 
 def _input_error(row: dict[str, Any]) -> bool:
@@ -134,9 +139,9 @@ def _input_error(row: dict[str, Any]) -> bool:
     return row.get(S.RESPONSES) is None or (row.get(S.ERROR) is not None and row.get(S.read_marker(row)) is None)
 
 
-def _counted(row: dict[str, Any]) -> bool:
+def _counted(row: dict[str, Any], run_hint: bool) -> bool:
     """Rows that count in accuracy: labelled, normalized (input errors excluded), not hinted."""
-    return row.get(S.LABEL) is not None and not _input_error(row) and not _hinted(row.get(S.SAMPLES) or [])
+    return row.get(S.LABEL) is not None and not _input_error(row) and not _hinted(row, run_hint)
 
 
 def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
@@ -148,6 +153,7 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
     conf_hits: list[tuple[float, float]] = []
     n_samples = invalid = shown = first_wins = tied_top = 0
     no_bias = 0.0
+    run_hint = bool(run_config(table).get("hint"))
     for row in _rows(table, [S.LABEL, S.RESPONSES, S.REWARDS, S.SAMPLES, S.ERROR, SUBSET, S.CONFIDENCE,
                              S.CONTENT_KEY]):
         counts["rows"] += 1
@@ -171,11 +177,11 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
         if label is None:
             counts["unlabelled"] += 1
             continue
-        if _hinted(samples):
+        if _hinted(row, run_hint):
             counts["hinted"] += 1
             continue
         counts["unscored"] += rewards is None
-        pairs, singles = by_subset.setdefault(row[SUBSET], ([], [])) if row.get(SUBSET) is not None else ([], [])
+        pairs, singles = by_subset.setdefault(str(row[SUBSET]), ([], [])) if row.get(SUBSET) is not None else ([], [])
         if len(responses) == 1:
             if rewards is not None:
                 single.append((rewards[0], int(label == 1)))
@@ -212,10 +218,12 @@ def evaluate(table: pa.Table, seed: int = 0) -> dict[str, Any]:
 
 def _curve_items(table: pa.Table) -> list[tuple[list[dict[str, Any]], int, int, str | None]]:
     """(samples, label, n, subset) of every row that counts in accuracy with n >= 2 responses."""
-    items = []
+    items, run_hint = [], bool(run_config(table).get("hint"))
     for row in _rows(table, [S.LABEL, S.RESPONSES, S.SAMPLES, S.ERROR, SUBSET, S.CONTENT_KEY]):
-        if _counted(row) and len(row[S.RESPONSES]) > 1:
-            samples = [{"scores": s["scores"], "meta_score": s["meta_score"]} for s in row.get(S.SAMPLES) or []]
+        if _counted(row, run_hint) and len(row[S.RESPONSES]) > 1:
+            # the order too: MetaRM@j breaks meta-score ties by taking the orders in turn, as the run did
+            samples = [{"scores": s["scores"], "meta_score": s["meta_score"], "order": s["order"]}
+                       for s in row.get(S.SAMPLES) or []]
             items.append((samples, row[S.LABEL], len(row[S.RESPONSES]), row.get(SUBSET)))
     return items
 
@@ -349,11 +357,11 @@ def _leaders(totals: Sequence[float] | None) -> set[int]:
     return {i for i, t in enumerate(totals) if t == max(totals)} if totals else set()
 
 
-def run_seed(table: pa.Table) -> int:
-    """The scoring run's seed, from the job record in the Parquet metadata (0 when absent)."""
+def run_config(table: pa.Table) -> dict[str, Any]:
+    """The scoring run's config, from the job record in the Parquet metadata ({} when absent)."""
     import json
 
-    return json.loads((table.schema.metadata or {}).get(b"grm_ray.job", b"{}")).get("config", {}).get("seed", 0)
+    return json.loads((table.schema.metadata or {}).get(b"grm_ray.job", b"{}")).get("config", {})
 
 
 def stability(table: pa.Table, js: Sequence[int] | None = None) -> dict[str, Any]:
@@ -367,7 +375,7 @@ def stability(table: pa.Table, js: Sequence[int] | None = None) -> dict[str, Any
     from .stages import item_seed
     from .voting import flip_probability
 
-    seed = run_seed(table)
+    seed = run_config(table).get("seed", 0)
     pairs: list[tuple[float, float]] = []
     by_j: dict[int, list[tuple[float, float]]] = {}
     skipped = 0
@@ -485,7 +493,7 @@ def format_report(report: dict[str, Any]) -> str:
         score = _pct(r["reward_bench"]) if r["reward_bench"] is not None else "n/a (needs all four sections)"
         lines.append(f"Reward Bench: {secs}; score {score}")
     c = r["curves"]
-    if c["items"]:
+    if c["items"] and c["ks"]:  # (items that failed before sampling have no samples to draw from)
         lines.append(f"Scaling from stored samples ({c['items']} items, mean ± std over {c['seeds']} seeds, "
                      "random tie-break as expectation):")
         lines.append((f"  {'j':>4}" + "".join(f"  {METHOD_NAMES.get(m, m) + '@j':>8}{'':8}"

@@ -362,3 +362,30 @@ def test_paper_table_from_one_stored_run():
     assert "| MetaRM@32 |" in text and "90.4" in text and "Chat Hard" in text
     with pytest.raises(ValueError, match="subset"):
         paper_table(scored([one([8, 3], 0)]))
+
+
+def test_metarm_curves_break_meta_score_ties_over_the_orders_as_the_run_does():
+    """Samples are stored grouped by order: a tie in meta score (NaN: the item too long for the meta RM) that
+    went to the stored index kept one order only, and a GRM with pure position bias scored 0 or 1."""
+    first, second = [smp([9, 1], [0, 1], meta=float("nan"))] * 4, [smp([1, 9], [1, 0], meta=float("nan"))] * 4
+    for label in (0, 1):
+        curves = scaling_curves(scored([{"n": 2, "label": label, "samples": first + second}]), ks=[8])
+        assert curves["methods"]["metarm"]["mean"] == [0.5] and curves["methods"]["voting"]["mean"] == [0.5]
+
+
+def test_a_hinted_runs_rows_that_failed_before_sampling_do_not_count():
+    """In a --hint run, a row whose prompt was too long has no samples, hence no `hinted` flag: it would have
+    been hinted, so it is excluded with the others instead of making an accuracy of its own."""
+    table = scored([{"n": 2, "label": 0, "samples": [smp([8, 3], hinted=True)]},
+                    {"n": 2, "label": 0, "error": "prompt is 9000 tokens, above the 4000 ..."}])
+    hinted = table.replace_schema_metadata({b"grm_ray.job": json.dumps({"config": {"hint": True}}).encode()})
+    report = evaluate(hinted)
+    assert report["hinted"] == 2 and report["pairwise"] is None and report["curves"]["items"] == 0
+    assert evaluate(table)["pairwise"]["n"] == 1  # without --hint, that row counts (as wrong)
+    assert "Scaling from stored samples" not in format_report(evaluate(table))  # no samples to draw from
+
+
+def test_a_subset_column_of_integers_is_reported():
+    table = scored([one([8, 3], 0, subset="x"), one([3, 8], 0, subset="x")], subset=True)
+    table = table.set_column(table.schema.get_field_index("subset"), "subset", pa.array([7, 7], pa.int64()))
+    assert evaluate(table)["subsets"]["7"]["n"] == 2 and "7" in format_report(evaluate(table))
