@@ -179,9 +179,9 @@ def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard",
     """Rejective fine-tuning data: the correct trajectories of items that are not too easy.
 
     A valid sample is kept when rule_reward is +1. An item is dropped when it has no label, or is "too easy":
-    every valid sample drawn WITHOUT a hint is correct (at least one such). Hinted samples do not count
-    towards "too easy" -- a hint makes them right by design -- so an item sampled only with hints keeps its
-    correct samples. `prompt` is the GRM user message the sample saw (responses in its shown order, plus
+    every sample drawn WITHOUT a hint is correct (at least one such; an unparseable one is not correct, as
+    GRM_SPEC 8 counts it). Hinted samples do not count towards "too easy" -- a hint makes them right by
+    design -- so an item sampled only with hints keeps its correct samples. `prompt` is the GRM user message the sample saw (responses in its shown order, plus
     the hint line when hinted); `completion` is the sample text; `sample` indexes the row's `samples`.
     """
     conv = _check(fmt)
@@ -191,7 +191,8 @@ def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard",
     out = []
     for row in _rows(table):
         judged = _judged_samples(row, threshold, skipped)
-        unhinted = [ok for _, s, ok in judged if _hint(row, s) is None]
+        correct = {i for i, _, ok in judged if ok}
+        unhinted = [i in correct for i, s in enumerate(row.get(S.SAMPLES) or []) if _hint(row, s) is None]
         if unhinted and all(unhinted):
             _skip(skipped, "too easy (every unhinted sample correct)")
             continue

@@ -207,13 +207,14 @@ def rft_items():
             smp([2, 9], order=[1, 0], hinted=True, text="hinted wrong"),
             smp([9, 2], order=[1, 0], hinted=True, text="hinted right"),  # kept, hint = position 2
         ]},
-        {"n": 2, "label": 1, "samples": [smp([3, 8]), smp([2, 7], order=[1, 0]), smp(None)]},  # r1: too easy
+        {"n": 2, "label": 1, "samples": [smp([3, 8]), smp([2, 7], order=[1, 0]), smp(None)]},  # r1: one unparsed
         {"n": 2, "label": None, "samples": [smp([8, 3]), smp([3, 8])]},                       # r2: no label
         {"n": 1, "label": 1, "samples": [smp([7], text="good"), smp([4], text="bad")]},       # r3
         {"n": 1, "label": 0, "samples": [smp([6], text="too kind"), smp([2], text="fair")]},  # r4
         {"n": 2, "label": 1, "samples": [smp([3, 8], hinted=True, text="h1"),                 # r5: only hinted,
                                          smp([1, 9], order=[1, 0], hinted=True, text="h2")]},  # all right: kept
         {"n": 2, "label": 0, "error": "boom"},                                                # r6
+        {"n": 2, "label": 1, "samples": [smp([3, 8]), smp([2, 7], order=[1, 0])]},             # r7: too easy
     ]
 
 
@@ -221,22 +222,23 @@ def test_rft_keep_and_drop():
     t = export_rft(scored(rft_items()))
     assert t.column_names == ["prompt", "completion", "id", "sample"]
     got = [(r["id"], r["sample"], r["completion"]) for r in t.to_pylist()]
-    assert got == [("r0", 0, "right"), ("r0", 4, "hinted right"), ("r3", 0, "good"), ("r4", 1, "fair"),
-                   ("r5", 0, "h1"), ("r5", 1, "h2")]
+    # r1 is not too easy: an unparseable sample is not a correct one (GRM_SPEC 8); r7 is
+    assert got == [("r0", 0, "right"), ("r0", 4, "hinted right"), ("r1", 0, "critique 1.0"),
+                   ("r1", 1, "critique 1.1"), ("r3", 0, "good"), ("r4", 1, "fair"), ("r5", 0, "h1"), ("r5", 1, "h2")]
     prompts = t["prompt"].to_pylist()
     assert prompts[0] == render_grm_prompt([{"role": "user", "content": "q0"}], ["resp0-0", "resp0-1"])
     # shown order [1, 0]: the labelled best (response 0) sits at position 2
     assert prompts[1] == render_grm_prompt([{"role": "user", "content": "q0"}], ["resp0-1", "resp0-0"], hint=1)
     assert prompts[1].endswith("The best response is: Response 2")
-    assert prompts[5].endswith("The best response is: Response 1")  # r5 label 1 shown first
-    assert "The best response is" not in prompts[2]
+    assert prompts[7].endswith("The best response is: Response 1")  # r5 label 1 shown first
+    assert "The best response is" not in prompts[2] + prompts[4]
 
 
 def test_rft_threshold_and_conversational():
     t = export_rft(scored(rft_items()), threshold=8, fmt="conversational")
     rows = t.to_pylist()
     # threshold 8: r3's 7 and 4 are both wrong for "good"; r4's 6 and 2 are both right for "bad": too easy
-    assert [r["id"] for r in rows] == ["r0", "r0", "r5", "r5"]
+    assert [r["id"] for r in rows] == ["r0", "r0", "r1", "r1", "r5", "r5"]
     assert rows[0]["prompt"] == [{"role": "user", "content": export_rft(scored(rft_items()))["prompt"][0].as_py()}]
     assert rows[0]["completion"] == [{"role": "assistant", "content": "right"}]
 
@@ -246,7 +248,8 @@ def test_meta_labels_and_rendering():
     assert t.column_names == ["messages", "text", "label", "id", "sample"]
     got = [(r["id"], r["sample"], r["label"]) for r in t.to_pylist()]
     assert got == [("r0", 0, 1), ("r0", 1, 0), ("r0", 3, 0), ("r0", 4, 1), ("r1", 0, 1), ("r1", 1, 1),
-                   ("r3", 0, 1), ("r3", 1, 0), ("r4", 0, 0), ("r4", 1, 1), ("r5", 0, 1), ("r5", 1, 1)]
+                   ("r3", 0, 1), ("r3", 1, 0), ("r4", 0, 0), ("r4", 1, 1), ("r5", 0, 1), ("r5", 1, 1),
+                   ("r7", 0, 1), ("r7", 1, 1)]
     row = t.to_pylist()[3]
     chat = meta_messages([{"role": "user", "content": "q0"}], ["resp0-1", "resp0-0"], "hinted right")
     assert row["messages"] == chat
