@@ -224,7 +224,8 @@ def _curve_items(table: pa.Table) -> list[tuple[list[dict[str, Any]], int, int, 
             # the order too: MetaRM@j breaks meta-score ties by taking the orders in turn, as the run did
             samples = [{"scores": s["scores"], "meta_score": s["meta_score"], "order": s["order"]}
                        for s in row.get(S.SAMPLES) or []]
-            items.append((samples, row[S.LABEL], len(row[S.RESPONSES]), row.get(SUBSET)))
+            subset = str(row[SUBSET]) if row.get(SUBSET) is not None else None
+            items.append((samples, row[S.LABEL], len(row[S.RESPONSES]), subset))
     return items
 
 

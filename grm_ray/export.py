@@ -181,8 +181,9 @@ def export_rft(table: pa.Table, threshold: int = 6, fmt: str = "standard",
     A valid sample is kept when rule_reward is +1. An item is dropped when it has no label, or is "too easy":
     every sample drawn WITHOUT a hint is correct (at least one such; an unparseable one is not correct, as
     GRM_SPEC 8 counts it). Hinted samples do not count towards "too easy" -- a hint makes them right by
-    design -- so an item sampled only with hints keeps its correct samples. `prompt` is the GRM user message the sample saw (responses in its shown order, plus
-    the hint line when hinted); `completion` is the sample text; `sample` indexes the row's `samples`.
+    design -- so an item sampled only with hints keeps its correct samples. `prompt` is the GRM user message
+    the sample saw (responses in its shown order, plus the hint line when hinted); `completion` is the sample
+    text; `sample` indexes the row's `samples`.
     """
     conv = _check(fmt)
     prompt_t, reply_t = _types(conv)

@@ -389,3 +389,6 @@ def test_a_subset_column_of_integers_is_reported():
     table = scored([one([8, 3], 0, subset="x"), one([3, 8], 0, subset="x")], subset=True)
     table = table.set_column(table.schema.get_field_index("subset"), "subset", pa.array([7, 7], pa.int64()))
     assert evaluate(table)["subsets"]["7"]["n"] == 2 and "7" in format_report(evaluate(table))
+    from grm_ray.evaluate import paper_table
+
+    assert all(r["reward_bench"] is None for r in paper_table(table)["rows"])  # no Reward Bench subset there
